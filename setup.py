@@ -1,0 +1,31 @@
+"""farmer_jax: FARMER (Flow AutoRegressive Transformer over Pixels) in JAX/Flax.
+
+The pins below were installed together and tested on CPython 3.11 (CPU). Bump them together.
+"""
+import setuptools
+
+setuptools.setup(
+    name="farmer_jax",
+    version="0.1.0",
+    description="FARMER: autoregressive flow + GMM-headed AR Transformer over pixels, in JAX/Flax",
+    packages=setuptools.find_packages(include=["farmer_jax", "farmer_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "ml-collections==1.1.0",
+        "chex==0.1.92",
+        "clu==0.0.12",
+        "tensorflow-datasets==4.9.10",
+        "tensorflow-cpu==2.21.0",
+        "tensorboard==2.21.0",
+        "scikit-learn==1.9.1",
+        "scipy==1.17.1",
+        "numpy==2.4.6",
+        "pillow==12.0.0",
+    ],
+    extras_require={"test": ["pytest==9.2.0"]},
+)
