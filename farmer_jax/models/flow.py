@@ -1,0 +1,139 @@
+"""Autoregressive affine flow blocks over token sequences (SPEC sec. 2).
+
+One block maps a sequence x [B, N, D] to z [B, N, D] in its processing order (natural, or reversed
+when `flip`):
+
+    z_i = (x_i - mu(x_<i)) * exp(-a(x_<i)),       logdet = -sum_i sum_j a(x_<i)_j
+
+`mu, a` come from a causal Transformer whose output at position i sees only tokens < i: either the
+sequence is shifted right behind a learned start vector (ours, `start_token=True`, every token is
+transformed) or the outputs are shifted and token 1 is left unchanged (the paper's form). The output
+projection is zero-initialised, so every block is exactly the identity at initialisation.
+
+The affine step and the logdet always run in float32, whatever the Transformer's compute dtype.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from farmer_jax.models import layers
+
+
+def soft_clip(a_raw: jax.Array, clip: float) -> jax.Array:
+  """c * tanh(a / c) bounds the log-scale to (-c, c) smoothly; clip <= 0 disables it."""
+  return clip * jnp.tanh(a_raw / clip) if clip > 0 else a_raw
+
+
+class AffineBlock(nn.Module):
+  """One AF block f_t. Call maps data-side x [B, N, D] -> (z [B, N, D], logdet [B]), natural order."""
+  token_dim: int
+  num_tokens: int
+  width: int
+  depth: int
+  flip: bool
+  head_dim: int = 64
+  mlp_ratio: int = 4
+  start_token: bool = True
+  logscale_clip: float = 4.0
+  num_classes: int = 0          # > 0: class-conditional block (ours, optional); labels in [0, C]
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embed = nn.Dense(self.width, dtype=self.dtype, name="embed")
+    self.pos = self.param("pos", nn.initializers.normal(0.02), (self.num_tokens, self.width))
+    if self.start_token:
+      self.start = self.param("start", nn.initializers.normal(0.02), (self.width,))
+    if self.num_classes > 0:
+      self.class_embed = nn.Embed(self.num_classes + 1, self.width, name="class_embed")
+    self.transformer = layers.Transformer(self.width, self.depth, self.head_dim, self.mlp_ratio,
+                                          causal=True, dtype=self.dtype, name="transformer")
+    self.head = nn.Dense(2 * self.token_dim, kernel_init=nn.initializers.zeros,
+                         bias_init=nn.initializers.zeros, dtype=self.dtype, name="head")
+
+  def affine_params(self, x_BxNxD: jax.Array, labels_B: jax.Array | None):
+    """Shift and log-scale for every token from its strict prefix, processing order, float32."""
+    h_BxNxW = self.embed(x_BxNxD.astype(self.dtype))
+    if self.start_token:
+      start = jnp.broadcast_to(self.start.astype(h_BxNxW.dtype), (h_BxNxW.shape[0], 1, self.width))
+      h_BxNxW = jnp.concatenate([start, h_BxNxW[:, :-1]], axis=1)
+    h_BxNxW = h_BxNxW + self.pos.astype(h_BxNxW.dtype)
+    if self.num_classes > 0:
+      h_BxNxW = h_BxNxW + self.class_embed(labels_B)[:, None].astype(h_BxNxW.dtype)
+    out_BxNx2D = self.head(self.transformer(h_BxNxW)).astype(jnp.float32)
+    if not self.start_token:
+      # Output i has seen tokens <= i, so it parameterises token i + 1; token 1 stays as it is.
+      out_BxNx2D = jnp.concatenate([jnp.zeros_like(out_BxNx2D[:, :1]), out_BxNx2D[:, :-1]], axis=1)
+    mu_BxNxD, a_raw_BxNxD = jnp.split(out_BxNx2D, 2, axis=-1)
+    return mu_BxNxD, soft_clip(a_raw_BxNxD, self.logscale_clip)
+
+  def _order(self, x_BxNxD: jax.Array) -> jax.Array:
+    return x_BxNxD[:, ::-1] if self.flip else x_BxNxD
+
+  def __call__(self, x_BxNxD: jax.Array, labels_B: jax.Array | None = None):
+    x_BxNxD = self._order(x_BxNxD.astype(jnp.float32))
+    mu_BxNxD, a_BxNxD = self.affine_params(x_BxNxD, labels_B)
+    z_BxNxD = (x_BxNxD - mu_BxNxD) * jnp.exp(-a_BxNxD)
+    logdet_B = -jnp.sum(a_BxNxD, axis=(1, 2))
+    return self._order(z_BxNxD), logdet_B
+
+  def inverse(self, z_BxNxD: jax.Array, labels_B: jax.Array | None = None) -> jax.Array:
+    """Exact sequential inverse, token by token, recomputing the prefix at each step.
+
+    O(N^2) Transformer passes: correct and simple. The KV-cached sampler replaces it for speed.
+    """
+    z_BxNxD = self._order(z_BxNxD.astype(jnp.float32))
+
+    def step(block, carry):
+      i, x_BxNxD = carry
+      mu_BxNxD, a_BxNxD = block.affine_params(x_BxNxD, labels_B)
+      x_i = z_BxNxD[:, i] * jnp.exp(a_BxNxD[:, i]) + mu_BxNxD[:, i]
+      return i + 1, x_BxNxD.at[:, i].set(x_i)
+
+    _, x_BxNxD = nn.while_loop(lambda _, carry: carry[0] < self.num_tokens, step, self,
+                               (jnp.int32(0), jnp.zeros_like(z_BxNxD)))
+    return self._order(x_BxNxD)
+
+
+class Flow(nn.Module):
+  """F = f_n o ... o f_1 with alternating token-order flips (identity, flip, identity, ...)."""
+  token_dim: int
+  num_tokens: int
+  num_blocks: int
+  width: int
+  depth: int
+  head_dim: int = 64
+  mlp_ratio: int = 4
+  start_token: bool = True
+  logscale_clip: float = 4.0
+  num_classes: int = 0
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.blocks = [
+        AffineBlock(self.token_dim, self.num_tokens, self.width, self.depth, flip=t % 2 == 1,
+                    head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
+                    start_token=self.start_token, logscale_clip=self.logscale_clip,
+                    num_classes=self.num_classes, dtype=self.dtype, name=f"block_{t}")
+        for t in range(self.num_blocks)
+    ]
+
+  @property
+  def last_block_flips(self) -> bool:
+    return self.num_blocks > 0 and (self.num_blocks - 1) % 2 == 1
+
+  def __call__(self, x_BxNxD: jax.Array, labels_B: jax.Array | None = None):
+    """x [B, N, D] -> (z [B, N, D], total logdet [B])."""
+    z_BxNxD = x_BxNxD.astype(jnp.float32)
+    logdet_B = jnp.zeros(x_BxNxD.shape[0], jnp.float32)
+    for block in self.blocks:
+      z_BxNxD, block_logdet_B = block(z_BxNxD, labels_B)
+      logdet_B = logdet_B + block_logdet_B
+    return z_BxNxD, logdet_B
+
+  def inverse(self, z_BxNxD: jax.Array, labels_B: jax.Array | None = None) -> jax.Array:
+    x_BxNxD = z_BxNxD.astype(jnp.float32)
+    for block in reversed(self.blocks):
+      x_BxNxD = block.inverse(x_BxNxD, labels_B)
+    return x_BxNxD
