@@ -1,0 +1,68 @@
+"""Logging: console + TensorBoard (clu), throughput and ETA, JSON result files."""
+import json
+import logging as py_logging
+import os
+import time
+
+from absl import logging
+from clu import metric_writers
+import jax
+import numpy as np
+
+
+class _OnlyOurInfo(py_logging.Filter):
+  """Libraries (Orbax, clu's echo of our own scalars) log several INFO lines per checkpoint; keep
+  their warnings and errors, and our INFO lines."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "farmer_jax" in record.pathname
+
+
+def quiet_library_logs() -> None:
+  logging.get_absl_handler().addFilter(_OnlyOurInfo())
+
+
+def create_writer(workdir: str):
+  """TensorBoard summaries in `workdir` on process 0; the others only log."""
+  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+
+class Progress:
+  """Steps per second over the last interval and an ETA to `total_steps`."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self.total_steps = total_steps
+    self._last_step, self._last_time = start_step, time.perf_counter()
+
+  def update(self, step: int) -> dict:
+    now = time.perf_counter()
+    rate = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    eta_s = (self.total_steps - step) / rate if rate > 0 else float("inf")
+    return {"steps_per_sec": rate, "eta_min": eta_s / 60.0}
+
+
+def mean_of(per_step: list[dict]) -> dict[str, float]:
+  """Averages a list of per-step scalar dicts (one device->host transfer for the lot)."""
+  stacked = jax.device_get(jax.tree.map(lambda *xs: np.stack(xs), *per_step))
+  return {k: float(np.mean(v)) for k, v in stacked.items()}
+
+
+def format_scalars(step: int, total: int, scalars: dict) -> str:
+  parts = [f"step {step}/{total}"]
+  for k, v in scalars.items():
+    parts.append(f"{k} {v:.4g}")
+  return " | ".join(parts)
+
+
+def write_json(path: str, payload: dict) -> None:
+  """Atomic write (tmp + rename) so readers never see half a file; process 0 only."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+  logging.info("wrote %s", path)

@@ -1,0 +1,388 @@
+"""The FARMER trainer: one linear file in sections. `train_and_evaluate(config, workdir)` is the entry.
+
+Workdir layout:
+  checkpoints/<step>/          Orbax checkpoints of the train state (params, EMA params, optimiser)
+  eval/metrics.json            latest test-split evaluation {"step", "bpd", "split", ...}
+  eval/history.jsonl           one line per evaluation
+  samples/samples_<step>.npz   images (uint8, native levels), labels, num_levels; and a PNG grid
+  events.out.tfevents.*        TensorBoard scalars (clu)
+"""
+import json
+import math
+import os
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from farmer_jax import checkpoint, input_pipeline, metrics, sample, sharding
+from farmer_jax.models import farmer
+
+# ---------------------------------------------------------------------------------------------
+# Config checks: everything is validated before any compute.
+# ---------------------------------------------------------------------------------------------
+
+_SECTIONS = {
+    "data": {"name", "image_size", "channels", "num_levels", "num_classes", "hflip", "data_dir",
+             "train_split", "eval_split", "shuffle_buffer"},
+    "train": {"batch_size", "num_steps", "learning_rate", "min_learning_rate", "warmup_steps",
+              "b1", "b2", "weight_decay", "grad_clip", "ema_decay", "noise_max", "noise_min",
+              "latent_norm_penalty", "skip_nonfinite", "log_every", "checkpoint_every",
+              "keep_checkpoints"},
+    "eval": {"batch_size", "every", "dequant_seed"},
+    "sample": {"per_class", "batch_size", "temperature", "scale", "seed"},
+}
+_TOP_LEVEL = {"seed", "model", *_SECTIONS}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
+  """Raises ValueError naming the field for unknown or invalid fields; returns the model config."""
+  unknown = sorted(set(config.keys()) - _TOP_LEVEL)
+  if unknown:
+    raise ValueError(f"config has unknown top-level field(s) {unknown}; known: {sorted(_TOP_LEVEL)}")
+  for section, known in _SECTIONS.items():
+    if section not in config:
+      raise ValueError(f"config.{section} is missing")
+    extra = sorted(set(config[section].keys()) - known)
+    if extra:
+      raise ValueError(f"config.{section} has unknown field(s) {extra}; known: {sorted(known)}")
+
+  def need(ok: bool, field: str, why: str):
+    if not ok:
+      section, name = field.split(".")
+      raise ValueError(f"config.{field} = {config[section].get(name)!r}: {why}")
+
+  t, e, s = config.train, config.eval, config.sample
+  for f in ("train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
+            "eval.batch_size", "eval.every", "sample.batch_size"):
+    section, name = f.split(".")
+    need(isinstance(config[section][name], int) and config[section][name] > 0, f,
+         "must be a positive integer")
+  need(t.get("warmup_steps", 0) >= 0, "train.warmup_steps", "must be >= 0")
+  need(t.learning_rate > 0, "train.learning_rate", "must be > 0")
+  need(0 <= t.min_learning_rate <= t.learning_rate, "train.min_learning_rate",
+       "must be in [0, train.learning_rate]")
+  need(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 disables EMA)")
+  need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
+  need(0 <= t.noise_min <= t.noise_max, "train.noise_min", "must be in [0, train.noise_max]")
+  need(s.per_class > 0, "sample.per_class", "must be a positive integer")
+  need(s.temperature > 0, "sample.temperature", "must be > 0")
+  need(s.scale > 0, "sample.scale", "must be > 0")
+  need(t.get("keep_checkpoints", 1) > 0, "train.keep_checkpoints", "must be a positive integer")
+  return farmer.ModelConfig.from_config(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train state, optimiser, schedules.
+# ---------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  # First step whose loss or gradients were not finite (-1: none). Once set, the update of that
+  # step and every later one is discarded, so the parameters stay finite and checkpointable.
+  nonfinite_step: jax.Array
+
+
+def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up to `learning_rate`, cosine decay to `min_learning_rate` (SPEC sec. 8)."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+      decay_steps=max(t.num_steps, t.warmup_steps + 1), end_value=t.min_learning_rate)
+
+
+def noise_schedule(t: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """Generation noise std, cosine from `noise_max` to `noise_min` over training (SPEC sec. 1)."""
+  frac = jnp.clip(step / t.num_steps, 0.0, 1.0)
+  return t.noise_min + (t.noise_max - t.noise_min) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+  chain.append(optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2,
+                           weight_decay=t.weight_decay))
+  return optax.chain(*chain)
+
+
+def dequantize(images_uint8: jax.Array, num_levels: int, key: jax.Array) -> jax.Array:
+  """x = (v + u) / L * 2 - 1, u ~ U(0, 1) per value (SPEC sec. 1). -> float32 in [-1, 1]."""
+  u = jax.random.uniform(key, images_uint8.shape, jnp.float32)
+  return (images_uint8.astype(jnp.float32) + u) / num_levels * 2.0 - 1.0
+
+
+def init_state(model: farmer.Farmer, tx, seed: int) -> TrainState:
+  c = model.config
+  images = jnp.zeros((1, c.image_size, c.image_size, c.channels), jnp.float32)
+  labels = jnp.zeros((1,), jnp.int32)
+  params = model.init({"params": jax.random.key(seed), "dropout": jax.random.key(0)},
+                      images, labels)["params"]
+  return TrainState(step=jnp.int32(0), params=params, ema_params=params,
+                    opt_state=tx.init(params), nonfinite_step=jnp.int32(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps (jitted in `Trainer`).
+# ---------------------------------------------------------------------------------------------
+
+
+def train_step(state: TrainState, batch: dict, base_key: jax.Array, *, model: farmer.Farmer,
+               tx, config: ml_collections.ConfigDict):
+  t = config.train
+  k_deq, k_noise, k_drop = jax.random.split(jax.random.fold_in(base_key, state.step), 3)
+  x = dequantize(batch["image"], model.config.num_levels, k_deq)
+  sigma = noise_schedule(t, state.step)
+  x = x + sigma * jax.random.normal(k_noise, x.shape, jnp.float32)
+
+  def loss_fn(params):
+    out = model.apply({"params": params}, x, batch["label"], train=True, rngs={"dropout": k_drop})
+    loss = jnp.mean(out["nll"])
+    if t.latent_norm_penalty > 0:
+      loss = loss + t.latent_norm_penalty * jnp.mean(jnp.square(out["z"]))
+    return loss, out
+
+  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+  decay = jnp.minimum(t.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+
+  first_bad = (~finite) & (state.nonfinite_step < 0)
+  nonfinite_step = jnp.where(first_bad & (not t.skip_nonfinite), state.step,
+                             state.nonfinite_step)
+  apply = finite & (nonfinite_step < 0)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+  new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                         ema_params=keep(ema, state.ema_params),
+                         opt_state=keep(opt_state, state.opt_state), nonfinite_step=nonfinite_step)
+  scalars = {"loss": loss, "bpd": jnp.mean(out["bpd"]),
+             "nll_informative": jnp.mean(out["nll_informative"]),
+             "nll_redundant": jnp.mean(out["nll_redundant"]), "logdet": jnp.mean(out["logdet"]),
+             "grad_norm": grad_norm, "learning_rate": learning_rate_schedule(t)(state.step),
+             "noise_sigma": sigma, "skipped": (~finite).astype(jnp.float32)}
+  return new_state, scalars
+
+
+def eval_step(params, batch: dict, key: jax.Array, *, model: farmer.Farmer):
+  """Sums of nll / bpd over the real (unmasked) examples of a batch; uniform dequantisation only."""
+  x = dequantize(batch["image"], model.config.num_levels, key)
+  out = model.apply({"params": params}, x, batch["label"])
+  mask = batch["mask"].astype(jnp.float32)
+  return {"bpd_sum": jnp.sum(out["bpd"] * mask), "nll_sum": jnp.sum(out["nll"] * mask),
+          "count": jnp.sum(mask)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer: mesh, shardings, jitted steps, restore.
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer:
+  """Holds the model, the mesh and the jitted steps for one config."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.model_config = validate_config(config)
+    self.model = farmer.Farmer(self.model_config)
+    self.tx = make_optimizer(config.train)
+    self.mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.train.batch_size, self.mesh, "config.train.batch_size")
+    sharding.check_batch_size(config.eval.batch_size, self.mesh, "config.eval.batch_size")
+    repl, data = sharding.replicated(self.mesh), sharding.batch_sharded(self.mesh)
+    abstract = jax.eval_shape(lambda: init_state(self.model, self.tx, config.seed))
+    self.state_shardings = jax.tree.map(lambda _: repl, abstract)
+    self.abstract_state = checkpoint.abstract_like(abstract, self.state_shardings)
+    self.init = jax.jit(lambda: init_state(self.model, self.tx, config.seed),
+                        out_shardings=self.state_shardings)
+    self.train_step = jax.jit(
+        lambda s, b, k: train_step(s, b, k, model=self.model, tx=self.tx, config=config),
+        in_shardings=(self.state_shardings, data, repl),
+        out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
+    self.eval_step = jax.jit(lambda p, b, k: eval_step(p, b, k, model=self.model),
+                             in_shardings=(self.state_shardings.params, data, repl),
+                             out_shardings=repl)
+
+  def restore_or_init(self, ckpt: checkpoint.Checkpointer) -> TrainState:
+    if ckpt.latest_step() is None:
+      return self.init()
+    return ckpt.restore(self.abstract_state)
+
+  def eval_params(self, state: TrainState):
+    return state.ema_params if self.config.train.ema_decay > 0 else state.params
+
+  def evaluate(self, state: TrainState, workdir: str, writer=None) -> dict:
+    """Test-split bpd with uniform dequantisation (fixed seed); writes eval/metrics.json."""
+    config, step = self.config, int(state.step)
+    params = self.eval_params(state)
+    key = jax.random.key(config.eval.dequant_seed)
+    totals = {"bpd_sum": 0.0, "nll_sum": 0.0, "count": 0.0}
+    for i, batch in enumerate(input_pipeline.eval_iterator(
+        config.data, global_batch_size=config.eval.batch_size)):
+      sums = self.eval_step(params, sharding.to_global(batch, self.mesh), jax.random.fold_in(key, i))
+      for k, v in jax.device_get(sums).items():
+        totals[k] += float(v)
+    n = totals["count"]
+    result = {"step": step, "split": config.data.eval_split, "dataset": config.data.name,
+              "bpd": totals["bpd_sum"] / n, "nll_nats_per_dim": totals["nll_sum"] / n,
+              "num_examples": int(n), "params": "ema" if config.train.ema_decay > 0 else "raw"}
+    logging.info("eval step %d: %s bpd %.4f over %d examples", step, result["split"],
+                 result["bpd"], n)
+    eval_dir = os.path.join(workdir, "eval")
+    metrics.write_json(os.path.join(eval_dir, "metrics.json"), result)
+    if jax.process_index() == 0:
+      with open(os.path.join(eval_dir, "history.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+    if writer is not None:
+      writer.write_scalars(step, {"eval/bpd": result["bpd"]})
+    return result
+
+  def sample(self, state: TrainState, workdir: str, writer=None) -> str:
+    """A class-conditional grid (one row per class) -> samples_<step>.npz and .png; returns the npz path."""
+    s, c = self.config.sample, self.model_config
+    labels = sample.grid_labels(c.num_classes, s.per_class)
+    images = sample.generate(self.model, self.eval_params(state), labels,
+                             jax.random.key(s.seed), batch_size=s.batch_size,
+                             temperature=s.temperature, scale=s.scale)
+    step = int(state.step)
+    npz, grid = sample.write_samples(workdir, step, images, labels, c.num_levels,
+                                     rows=max(c.num_classes, 1))
+    if writer is not None and grid is not None:
+      writer.write_images(step, {"samples": grid[None]})
+    return npz
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points.
+# ---------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+_DATA_IDENTITY = ("name", "image_size", "channels", "num_classes", "num_levels")
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Records config.json on first use; later runs must keep the model and data the same, so that a
+  mismatch is a clear error rather than a shape failure deep inside a checkpoint restore."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    for section, keys in (("model", None), ("data", _DATA_IDENTITY)):
+      for key in sorted(keys or set(saved.get(section, {})) | set(current[section])):
+        old, new = saved.get(section, {}).get(key), current[section].get(key)
+        if old != new:
+          raise ValueError(
+              f"config.{section}.{key} = {new!r} but {workdir} was trained with {old!r}; use "
+              f"the same config or a new --workdir")
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after_steps: int | None = None) -> TrainState:
+  """Trains (resuming from the latest checkpoint in `workdir`), evaluates and samples.
+
+  `stop_after_steps` ends this run early after that many steps (a checkpoint is written), as a
+  preemption would; rerunning continues to `config.train.num_steps`.
+  """
+  trainer = Trainer(config)
+  t = config.train
+  check_workdir_config(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=t.keep_checkpoints)
+  writer = metrics.create_writer(workdir)
+  state = trainer.restore_or_init(ckpt)
+  start = int(state.step)
+  if start > 0:
+    logging.info("resumed from checkpoint at step %d of %d", start, t.num_steps)
+  else:
+    logging.info("starting from scratch: %d steps, %s parameters", t.num_steps,
+                 f"{sum(a.size for a in jax.tree.leaves(state.params)):,}")
+  end = t.num_steps if stop_after_steps is None else min(t.num_steps, start + stop_after_steps)
+
+  data = input_pipeline.train_iterator(config.data, global_batch_size=t.batch_size,
+                                       seed=config.seed, start_step=start)
+  base_key = jax.random.key(config.seed + 1)
+  progress = metrics.Progress(start, t.num_steps)
+  pending: list[dict] = []
+
+  def check_finite(step: int):
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+      ckpt.wait()
+      raise NonFiniteLossError(
+          f"non-finite loss or gradients at step {bad}; training stopped, the last checkpoint "
+          f"(step {ckpt.latest_step()}) holds finite parameters. Lower train.learning_rate or set "
+          f"train.skip_nonfinite=True to skip such steps.")
+
+  with jax.set_mesh(trainer.mesh):
+    for step in range(start + 1, end + 1):
+      batch = sharding.to_global(next(data), trainer.mesh)
+      state, scalars = trainer.train_step(state, batch, base_key)
+      pending.append(scalars)
+      done = step == end
+      if step % t.log_every == 0 or done:
+        check_finite(step)
+        summary = metrics.mean_of(pending)
+        summary.update(progress.update(step))
+        pending = []
+        writer.write_scalars(step, summary)
+        logging.info(metrics.format_scalars(step, t.num_steps, summary))
+      preempted = ckpt.reached_preemption(step)
+      if step % t.checkpoint_every == 0 or done or preempted:
+        check_finite(step)
+        ckpt.save(step, state, force=True)
+        if preempted:
+          logging.info("preemption signal at step %d: checkpoint saved, exiting", step)
+          ckpt.close()
+          return state
+      if step % config.eval.every == 0 and step != t.num_steps:
+        trainer.evaluate(state, workdir, writer)
+
+    ckpt.wait()
+    if int(state.step) >= t.num_steps:
+      trainer.evaluate(state, workdir, writer)
+      trainer.sample(state, workdir, writer)
+  writer.flush()
+  ckpt.close()
+  return state
+
+
+def _restore_latest(config, workdir: str) -> tuple[Trainer, TrainState]:
+  trainer = Trainer(config)
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(
+        f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first with "
+        f"python -m farmer_jax.main --config=... --workdir={workdir}")
+  check_workdir_config(config, workdir)
+  return trainer, ckpt.restore(trainer.abstract_state)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=evaluate: test-split bpd of the latest checkpoint."""
+  trainer, state = _restore_latest(config, workdir)
+  with jax.set_mesh(trainer.mesh):
+    return trainer.evaluate(state, workdir)
+
+
+def sample_latest(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=sample: a sample grid and npz from the latest checkpoint."""
+  trainer, state = _restore_latest(config, workdir)
+  with jax.set_mesh(trainer.mesh):
+    return trainer.sample(state, workdir)

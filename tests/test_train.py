@@ -1,0 +1,168 @@
+"""Trainer end to end on the tiny digits config: outputs, resume, failures, config errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import digits
+from farmer_jax import checkpoint, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny():
+  return digits.get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("digits_tiny"))
+  state = train.train_and_evaluate(tiny(), workdir)
+  return workdir, state
+
+
+def test_train_writes_checkpoint_eval_and_samples(trained_workdir):
+  workdir, state = trained_workdir
+  c = tiny()
+  assert int(state.step) == c.train.num_steps
+  assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == c.train.num_steps
+  with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+    m = json.load(f)
+  assert m["step"] == c.train.num_steps and m["split"] == "test" and m["num_examples"] == 360
+  assert 0.5 < m["bpd"] < 10.0
+  s = np.load(os.path.join(workdir, "samples", f"samples_{c.train.num_steps}.npz"))
+  assert s["images"].dtype == np.uint8 and s["images"].shape == (20, 8, 8, 1)
+  assert s["images"].max() <= 16 and int(s["num_levels"]) == 17
+  np.testing.assert_array_equal(s["labels"], np.repeat(np.arange(10), 2))
+  png = Image.open(os.path.join(workdir, "samples", f"samples_{c.train.num_steps}.png"))
+  assert png.size[1] > png.size[0]   # 10 rows (classes) x 2 columns
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+
+
+def test_evaluate_and_sample_modes_use_latest_checkpoint(trained_workdir):
+  workdir, _ = trained_workdir
+  result = train.evaluate(tiny(), workdir)
+  with open(os.path.join(workdir, "eval", "metrics.json")) as f:
+    first = json.loads(open(os.path.join(workdir, "eval", "history.jsonl")).readline())
+  assert result["step"] == tiny().train.num_steps
+  np.testing.assert_allclose(result["bpd"], first["bpd"], rtol=1e-5)  # same params, same dequant seed
+  npz = train.sample_latest(tiny(), workdir)
+  assert os.path.exists(npz)
+
+
+def test_workdir_rejects_a_different_model(trained_workdir):
+  workdir, _ = trained_workdir
+  c = tiny()
+  c.model.af_blocks = 3
+  with pytest.raises(ValueError, match=r"config\.model\.af_blocks = 3 but .* was trained with 2"):
+    train.evaluate(c, workdir)
+
+
+def test_resumed_run_reproduces_uninterrupted_run(trained_workdir, tmp_path):
+  _, uninterrupted = trained_workdir
+  workdir = str(tmp_path)
+  half = train.train_and_evaluate(tiny(), workdir, stop_after_steps=10)
+  assert int(half.step) == 10
+  assert not os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
+  resumed = train.train_and_evaluate(tiny(), workdir)
+  assert int(resumed.step) == tiny().train.num_steps
+  diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                      resumed.params, uninterrupted.params)
+  assert max(jax.tree.leaves(diff)) < 1e-6
+  # And it really trained: parameters moved from their initial values.
+  init = train.Trainer(tiny()).init()
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       resumed.params, init.params)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoints_finite(tmp_path):
+  c = tiny()
+  c.train.learning_rate = 1e30
+  c.train.min_learning_rate = 1e30
+  c.train.warmup_steps = 0
+  c.train.grad_clip = 0.0
+  c.model.logscale_clip = 0.0
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss or gradients at step \d+"):
+    train.train_and_evaluate(c, str(tmp_path))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+  for step in ckpt.manager.all_steps():
+    state = ckpt.restore(train.Trainer(c).abstract_state, step)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_skip_nonfinite_continues(tmp_path):
+  c = tiny()
+  c.train.learning_rate = 1e30
+  c.train.min_learning_rate = 1e30
+  c.train.warmup_steps = 0
+  c.train.grad_clip = 0.0
+  c.model.logscale_clip = 0.0
+  c.train.skip_nonfinite = True
+  c.train.num_steps = 6
+  state = train.train_and_evaluate(c, str(tmp_path), stop_after_steps=6)
+  assert int(state.step) == 6
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize("section,field,value,needle", [
+    ("model", "af_width", -64, "config.model.af_width"),
+    ("model", "d_informative", 5, "config.model.d_informative"),
+    ("model", "patch_size", 3, "config.model.patch_size"),
+    ("model", "redundant_model", "laplace", "config.model.redundant_model"),
+    ("model", "af_width", 48, "config.model.af_width"),       # not a multiple of head_dim 32
+    ("train", "batch_size", 0, "config.train.batch_size"),
+    ("train", "batch_size", 12, "config.train.batch_size"),   # not divisible by 8 devices
+    ("train", "num_steps", -1, "config.train.num_steps"),
+    ("data", "num_levels", 1, "config.data.num_levels"),
+])
+def test_bad_config_fails_before_compute_naming_the_field(tmp_path, section, field, value, needle):
+  c = tiny()
+  c[section][field] = value
+  with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize("section", ["model", "train", "data"])
+def test_unknown_config_field_is_rejected(tmp_path, section):
+  c = tiny()
+  c[section].unlock()
+  c[section]["not_a_field"] = 1
+  with pytest.raises(ValueError, match=f"config.{section}.*not_a_field"):
+    train.validate_config(c)
+
+
+def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
+  """The README's promise: kill -9 the training command at any time, rerun it, it resumes."""
+  workdir = str(tmp_path / "w")
+  cmd = [sys.executable, "-m", "farmer_jax.main", "--config=configs/digits.py:tiny",
+         f"--workdir={workdir}", "--config.train.num_steps=200", "--config.train.checkpoint_every=20",
+         "--config.eval.every=1000"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckdir = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    steps = [d for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(ckdir) else []
+    if any(int(s) >= 40 for s in steps):
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = checkpoint.Checkpointer(workdir, read_only=True).latest_step()
+  assert killed_at is not None and 40 <= killed_at < 200
+  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"resumed from checkpoint at step {killed_at}" in out.stderr
+  assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 200
+  assert os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
