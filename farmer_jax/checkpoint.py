@@ -12,7 +12,9 @@ import orbax.checkpoint as ocp
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, "checkpoints")
+  # Orbax needs absolute paths; remote ones (gs://...) already are.
+  root = workdir if "://" in workdir else os.path.abspath(workdir)
+  return os.path.join(root, "checkpoints")
 
 
 class Checkpointer:

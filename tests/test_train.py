@@ -143,12 +143,13 @@ def test_unknown_config_field_is_rejected(tmp_path, section):
 def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
   """The README's promise: kill -9 the training command at any time, rerun it, it resumes."""
   workdir = str(tmp_path / "w")
-  cmd = [sys.executable, "-m", "farmer_jax.main", "--config=configs/digits.py:tiny",
-         f"--workdir={workdir}", "--config.train.num_steps=200", "--config.train.checkpoint_every=20",
+  # A relative --workdir, as in the README (Orbax itself needs absolute paths).
+  cmd = [sys.executable, "-m", "farmer_jax.main", f"--config={REPO}/configs/digits.py:tiny",
+         "--workdir=w", "--config.train.num_steps=200", "--config.train.checkpoint_every=20",
          "--config.eval.every=1000"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+             TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
+  proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   ckdir = os.path.join(workdir, "checkpoints")
   deadline = time.time() + 240
@@ -161,7 +162,7 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
   proc.wait()
   killed_at = checkpoint.Checkpointer(workdir, read_only=True).latest_step()
   assert killed_at is not None and 40 <= killed_at < 200
-  out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+  out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"resumed from checkpoint at step {killed_at}" in out.stderr
   assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 200

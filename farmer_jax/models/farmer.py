@@ -62,16 +62,18 @@ class ModelConfig:
   @classmethod
   def from_config(cls, config) -> "ModelConfig":
     """Builds and validates from a full experiment config (fields `data` and `model`)."""
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
     data_fields = ("image_size", "channels", "num_classes", "num_levels")
-    unknown = sorted(set(config.model.keys()) - known)
+    model_fields = {f.name for f in fields} - set(data_fields)
+    unknown = sorted(set(config.model.keys()) - model_fields)
     if unknown:
-      raise ValueError(f"config.model has unknown field(s) {unknown}; known fields: {sorted(known - set(data_fields))}")
-    kwargs = {name: config.data[name] for name in data_fields}
-    kwargs.update(dict(config.model))
-    missing = sorted(known - set(kwargs) - {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING})
+      raise ValueError(f"config.model has unknown field(s) {unknown}; known: {sorted(model_fields)}")
+    required = {f.name for f in fields if f.default is dataclasses.MISSING} - set(data_fields)
+    missing = sorted(required - set(config.model.keys()))
     if missing:
       raise ValueError(f"config.model is missing field(s) {missing}")
+    kwargs = {name: config.data[name] for name in data_fields}
+    kwargs.update(config.model.to_dict())
     model_config = cls(**kwargs)
     model_config.validate()
     return model_config
@@ -149,8 +151,7 @@ class Farmer(nn.Module):
   @property
   def prior_reads_reversed(self) -> bool:
     """Final permutation: the prior reads tokens opposite to the last AF block's order."""
-    last_flips = self.config.af_blocks > 0 and (self.config.af_blocks - 1) % 2 == 1
-    return last_flips != self.config.final_permutation
+    return flow.last_block_flips(self.config.af_blocks) != self.config.final_permutation
 
   def _to_prior_order(self, z_BxNxD: jax.Array) -> jax.Array:
     return z_BxNxD[:, ::-1] if self.prior_reads_reversed else z_BxNxD

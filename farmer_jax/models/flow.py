@@ -26,6 +26,15 @@ def soft_clip(a_raw: jax.Array, clip: float) -> jax.Array:
   return clip * jnp.tanh(a_raw / clip) if clip > 0 else a_raw
 
 
+def block_flips(t: int) -> bool:
+  """Block t reverses the token order on entry and restores it on exit for odd t (TARFlow's pattern)."""
+  return t % 2 == 1
+
+
+def last_block_flips(num_blocks: int) -> bool:
+  return num_blocks > 0 and block_flips(num_blocks - 1)
+
+
 class AffineBlock(nn.Module):
   """One AF block f_t. Call maps data-side x [B, N, D] -> (z [B, N, D], logdet [B]), natural order."""
   token_dim: int
@@ -112,16 +121,12 @@ class Flow(nn.Module):
 
   def setup(self):
     self.blocks = [
-        AffineBlock(self.token_dim, self.num_tokens, self.width, self.depth, flip=t % 2 == 1,
+        AffineBlock(self.token_dim, self.num_tokens, self.width, self.depth, flip=block_flips(t),
                     head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
                     start_token=self.start_token, logscale_clip=self.logscale_clip,
                     num_classes=self.num_classes, dtype=self.dtype, name=f"block_{t}")
         for t in range(self.num_blocks)
     ]
-
-  @property
-  def last_block_flips(self) -> bool:
-    return self.num_blocks > 0 and (self.num_blocks - 1) % 2 == 1
 
   def __call__(self, x_BxNxD: jax.Array, labels_B: jax.Array | None = None):
     """x [B, N, D] -> (z [B, N, D], total logdet [B])."""
