@@ -88,8 +88,9 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
-  # First step whose loss or gradients were not finite (-1: none). Once set, the update of that
-  # step and every later one is discarded, so the parameters stay finite and checkpointable.
+  # First step whose loss or gradients were not finite (-1: none). Its update is discarded, so the
+  # parameters stay finite and checkpointable; unless train.skip_nonfinite, so is every later one
+  # and the host stops the run.
   nonfinite_step: jax.Array
 
 
@@ -157,10 +158,9 @@ def train_step(state: TrainState, batch: dict, base_key: jax.Array, *, model: fa
   decay = jnp.minimum(t.ema_decay, (1.0 + state.step) / (10.0 + state.step))
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
 
-  first_bad = (~finite) & (state.nonfinite_step < 0)
-  nonfinite_step = jnp.where(first_bad & (not t.skip_nonfinite), state.step,
+  nonfinite_step = jnp.where((~finite) & (state.nonfinite_step < 0), state.step,
                              state.nonfinite_step)
-  apply = finite & (nonfinite_step < 0)
+  apply = finite & (t.skip_nonfinite | (nonfinite_step < 0))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
   new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                          ema_params=keep(ema, state.ema_params),
@@ -321,9 +321,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   progress = metrics.Progress(start, t.num_steps)
   pending: list[dict] = []
 
-  def check_finite(step: int):
+  def check_finite():
     bad = int(state.nonfinite_step)
-    if bad >= 0:
+    if bad >= 0 and not t.skip_nonfinite:
       ckpt.wait()
       raise NonFiniteLossError(
           f"non-finite loss or gradients at step {bad}; training stopped, the last checkpoint "
@@ -337,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       pending.append(scalars)
       done = step == end
       if step % t.log_every == 0 or done:
-        check_finite(step)
+        check_finite()
         summary = metrics.mean_of(pending)
         summary.update(progress.update(step))
         pending = []
@@ -345,7 +345,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.info(metrics.format_scalars(step, t.num_steps, summary))
       preempted = ckpt.reached_preemption(step)
       if step % t.checkpoint_every == 0 or done or preempted:
-        check_finite(step)
+        check_finite()
         ckpt.save(step, state, force=True)
         if preempted:
           logging.info("preemption signal at step %d: checkpoint saved, exiting", step)

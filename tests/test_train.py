@@ -83,13 +83,16 @@ def test_resumed_run_reproduces_uninterrupted_run(trained_workdir, tmp_path):
   assert max(jax.tree.leaves(moved)) > 1e-3
 
 
-def test_nonfinite_loss_stops_and_keeps_checkpoints_finite(tmp_path):
+def exploding():
+  """A config whose parameters overflow within a few steps: huge constant lr, no clipping."""
   c = tiny()
-  c.train.learning_rate = 1e30
-  c.train.min_learning_rate = 1e30
-  c.train.warmup_steps = 0
-  c.train.grad_clip = 0.0
+  c.train.update(learning_rate=1e30, min_learning_rate=1e30, warmup_steps=0, grad_clip=0.0)
   c.model.logscale_clip = 0.0
+  return c
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoints_finite(tmp_path):
+  c = exploding()
   with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss or gradients at step \d+"):
     train.train_and_evaluate(c, str(tmp_path))
   ckpt = checkpoint.Checkpointer(str(tmp_path), read_only=True)
@@ -99,16 +102,11 @@ def test_nonfinite_loss_stops_and_keeps_checkpoints_finite(tmp_path):
 
 
 def test_skip_nonfinite_continues(tmp_path):
-  c = tiny()
-  c.train.learning_rate = 1e30
-  c.train.min_learning_rate = 1e30
-  c.train.warmup_steps = 0
-  c.train.grad_clip = 0.0
-  c.model.logscale_clip = 0.0
+  c = exploding()
   c.train.skip_nonfinite = True
   c.train.num_steps = 6
   state = train.train_and_evaluate(c, str(tmp_path), stop_after_steps=6)
-  assert int(state.step) == 6
+  assert int(state.step) == 6 and 0 <= int(state.nonfinite_step) < 6   # a step was skipped
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
