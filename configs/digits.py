@@ -85,11 +85,26 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   )
 
   c.sample = dict(
-      per_class=10,              # one row per class in the grid
-      batch_size=100,
-      temperature=1.0,           # mixture logits / T
-      scale=1.0,                 # component std * s
+      per_class=10,              # one grid row per class
+      classes="all",             # or comma-separated ids, e.g. "3,5"
+      batch_size=100,            # fixed batch: one compilation, any number of samples
       seed=0,
+      # Prior sampling (SPEC sec. 5; field names as the paper's Table 6).
+      guidance="resample",       # none | resample (Algorithm 1) | naive (JetFormer/GIVT)
+      w=1.0,
+      temperature=1.0,           # informative head: logits / T  (unguided and naive)
+      scale=1.0,                 # informative head: std * s
+      temperature_redundant=1.0,
+      scale_redundant=1.0,
+      num_cond=5, num_uncond=5,  # s_c / s_u (paper: 5 / 5)
+      t_pi=1.0, t_sigma=1.0,     # proposal temperatures
+      t_pi_v=1.0, t_sigma_v=1.0, # temperatures of the densities in the weights
+      t_s=1.0,                   # log-weights * T_s
+      ts_mode="multiply",        # ours: "multiply" or "divide" for T_s (the paper is ambiguous)
+      weight_all_by_w=False,     # the appendix's variant: all candidates weighted by w
+      redundant_pool=64,         # ours: pool for the shared redundant GMM, resampled N times
+      naive_max_tries=32,
+      denoise=False,             # TARFlow-style score step with sigma = train.noise_min
   )
 
   if arg == "tiny":

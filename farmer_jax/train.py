@@ -7,8 +7,8 @@ Workdir layout:
   samples/samples_<step>.npz   images (uint8, native levels), labels, num_levels; and a PNG grid
   events.out.tfevents.*        TensorBoard scalars (clu)
 """
+import dataclasses
 import json
-import math
 import os
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from farmer_jax import checkpoint, input_pipeline, metrics, sample, sharding
-from farmer_jax.models import farmer
+from farmer_jax.models import farmer, prior
 
 # ---------------------------------------------------------------------------------------------
 # Config checks: everything is validated before any compute.
@@ -35,7 +35,8 @@ _SECTIONS = {
               "latent_norm_penalty", "skip_nonfinite", "log_every", "checkpoint_every",
               "keep_checkpoints"},
     "eval": {"batch_size", "every", "dequant_seed"},
-    "sample": {"per_class", "batch_size", "temperature", "scale", "seed"},
+    "sample": {"per_class", "batch_size", "seed", "classes", "denoise",
+               *(f.name for f in dataclasses.fields(prior.SamplerConfig))},
 }
 _TOP_LEVEL = {"seed", "model", *_SECTIONS}
 
@@ -70,11 +71,13 @@ def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
   need(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 disables EMA)")
   need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
   need(0 <= t.noise_min <= t.noise_max, "train.noise_min", "must be in [0, train.noise_max]")
-  need(s.per_class > 0, "sample.per_class", "must be a positive integer")
-  need(s.temperature > 0, "sample.temperature", "must be > 0")
-  need(s.scale > 0, "sample.scale", "must be > 0")
+  need(isinstance(s.per_class, int) and s.per_class > 0, "sample.per_class",
+       "must be a positive integer")
   need(t.get("keep_checkpoints", 1) > 0, "train.keep_checkpoints", "must be a positive integer")
-  return farmer.ModelConfig.from_config(config)
+  model_config = farmer.ModelConfig.from_config(config)
+  sample.sampler_config(s)
+  sample.parse_classes(s.classes, model_config.num_classes)
+  return model_config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,15 +250,19 @@ class Trainer:
     return result
 
   def sample(self, state: TrainState, workdir: str, writer=None) -> str:
-    """A class-conditional grid (one row per class) -> samples_<step>.npz and .png; returns the npz path."""
+    """Samples `per_class` images of each chosen class with the config's sampler -> one grid row per
+    class in samples_<step>.png, and samples_<step>.npz; returns the npz path."""
     s, c = self.config.sample, self.model_config
-    labels = sample.grid_labels(c.num_classes, s.per_class)
-    images = sample.generate(self.model, self.eval_params(state), labels,
-                             jax.random.key(s.seed), batch_size=s.batch_size,
-                             temperature=s.temperature, scale=s.scale)
+    classes = sample.parse_classes(s.classes, c.num_classes)
+    labels = sample.grid_labels(classes, s.per_class)
+    sampler = sample.sampler_config(s)
+    logging.info("sampling %d images: %s", len(labels), sampler)
+    images = sample.generate(
+        self.model, self.eval_params(state), labels, jax.random.key(s.seed),
+        batch_size=s.batch_size, sampler=sampler,
+        denoise_sigma=self.config.train.noise_min if s.denoise else 0.0)
     step = int(state.step)
-    npz, grid = sample.write_samples(workdir, step, images, labels, c.num_levels,
-                                     rows=max(c.num_classes, 1))
+    npz, grid = sample.write_samples(workdir, step, images, labels, c.num_levels, rows=len(classes))
     if writer is not None and grid is not None:
       writer.write_images(step, {"samples": grid[None]})
     return npz

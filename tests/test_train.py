@@ -57,6 +57,32 @@ def test_evaluate_and_sample_modes_use_latest_checkpoint(trained_workdir):
   assert os.path.exists(npz)
 
 
+def test_sample_mode_chosen_classes_with_guidance(trained_workdir):
+  workdir, _ = trained_workdir
+  c = tiny()
+  c.sample.update(classes="3,5", per_class=3, batch_size=4, guidance="naive", w=2.0)
+  s = np.load(train.sample_latest(c, workdir))
+  np.testing.assert_array_equal(s["labels"], [3, 3, 3, 5, 5, 5])
+  assert s["images"].shape == (6, 8, 8, 1) and s["images"].max() <= 16
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("classes", "3,10", r"config\.sample\.classes.*out of range: \[10\]"),
+    ("classes", "three", r"config\.sample\.classes"),
+    ("per_class", 0, r"config\.sample\.per_class"),
+    ("guidance", "cfg", r"config\.sample\.guidance"),
+    ("num_cond", -1, r"config\.sample\.num_cond"),
+])
+def test_invalid_sample_request_fails_before_compute(trained_workdir, field, value, needle):
+  workdir, _ = trained_workdir
+  c = tiny()
+  c.sample[field] = value
+  before = sorted(os.listdir(os.path.join(workdir, "samples")))
+  with pytest.raises(ValueError, match=needle):
+    train.sample_latest(c, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == before
+
+
 def test_workdir_rejects_a_different_model(trained_workdir):
   workdir, _ = trained_workdir
   c = tiny()

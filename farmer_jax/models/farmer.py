@@ -177,18 +177,23 @@ class Farmer(nn.Module):
                 nll_informative=-per_dim(log_p_inf_B), nll_redundant=-per_dim(log_p_red_B),
                 logdet=per_dim(logdet_B), z=z_BxNxD)
 
-  def decode(self, z_BxNxD: jax.Array, labels_B: jax.Array) -> jax.Array:
-    """Latents (natural order) -> images [B, H, W, C] through the exact AF inverse (not clipped)."""
+  def decode(self, z_BxNxD: jax.Array, labels_B: jax.Array, recompute: bool = False) -> jax.Array:
+    """Latents (natural order) -> images [B, H, W, C] through the exact AF inverse (not clipped);
+    KV-cached unless `recompute`."""
     c = self.config
-    x_BxNxD = self.flow.inverse(z_BxNxD, labels_B)
+    x_BxNxD = self.flow.inverse(z_BxNxD, labels_B, recompute)
     return unpatchify(x_BxNxD, c.patch_size, c.image_size, c.channels)
 
-  def sample(self, key: jax.Array, labels_B: jax.Array, temperature: float = 1.0,
-             scale: float = 1.0, temperature_redundant: float = 1.0,
-             scale_redundant: float = 1.0) -> jax.Array:
-    """Plain sampling (decoupled temperature / scale, no guidance) -> images [B, H, W, C] in [-1, 1]."""
+  def sample(self, key: jax.Array, labels_B: jax.Array,
+             sampler: prior.SamplerConfig = prior.SamplerConfig(),
+             recompute: bool = False) -> jax.Array:
+    """Draws latents from the prior (guided or not, SPEC sec. 5) and inverts the flow.
+
+    -> images [B, H, W, C] clipped to [-1, 1]. `recompute=True` is the slow reference path (prefix
+    recomputation in the prior and in every AF block) with identical random draws.
+    """
     if self.config.num_classes == 0:
       labels_B = jnp.full_like(labels_B, self.config.num_classes)
-    z_BxNxD = self.prior.sample(key, labels_B, temperature, scale, temperature_redundant,
-                                scale_redundant)
-    return jnp.clip(self.decode(self._to_prior_order(z_BxNxD), labels_B), -1.0, 1.0)
+    draw = self.prior.decode_recompute if recompute else self.prior.decode
+    z_BxNxD = draw(key, labels_B, sampler)
+    return jnp.clip(self.decode(self._to_prior_order(z_BxNxD), labels_B, recompute), -1.0, 1.0)

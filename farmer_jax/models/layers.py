@@ -13,32 +13,54 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def init_kv_cache(batch: int, length: int, width: int, depth: int, head_dim: int = 64,
+                  dtype: Dtype = jnp.float32) -> list[tuple[jax.Array, jax.Array]]:
+  """Preallocated keys and values for `depth` layers: [(k, v)] each [B, length, H, K], zeros."""
+  shape = (batch, length, width // head_dim, head_dim)
+  return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(depth)]
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention, causal or bidirectional."""
+  """Multi-head self-attention, causal or bidirectional, with an optional KV cache.
+
+  Without a cache, x [B, N, W] attends within itself. With `cache = (k, v)` ([B, L, H, K], the full
+  preallocated length L) and `index`, x [B, T, W] holds positions index .. index+T-1: their keys and
+  values are written into the cache in place (dynamic_update_slice, no growth) and the queries attend
+  causally to positions <= their own. Returns (out [B, T, W], new cache or None).
+  """
   width: int
   head_dim: int = 64
   causal: bool = True
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxNxW: jax.Array) -> jax.Array:
+  def __call__(self, x_BxTxW: jax.Array, cache=None, index=None):
     if self.width % self.head_dim:
       raise ValueError(f"width {self.width} is not a multiple of head_dim {self.head_dim}")
     heads = self.width // self.head_dim
     dense = lambda name: nn.DenseGeneral((heads, self.head_dim), dtype=self.dtype, name=name)
-    q_BxNxHxK = dense("query")(x_BxNxW)
-    k_BxNxHxK = dense("key")(x_BxNxW)
-    v_BxNxHxK = dense("value")(x_BxNxW)
-    # [B, H, N, N] layout: plain batched matmuls were the fastest form on CPU (STYLE.md figures).
-    logits_BxHxNxN = jnp.einsum("bqhk,bshk->bhqs", q_BxNxHxK, k_BxNxHxK).astype(jnp.float32)
-    logits_BxHxNxN = logits_BxHxNxN * (self.head_dim ** -0.5)
-    if self.causal:
-      n = x_BxNxW.shape[1]
-      mask_NxN = jnp.tril(jnp.ones((n, n), bool))
-      logits_BxHxNxN = jnp.where(mask_NxN, logits_BxHxNxN, jnp.finfo(jnp.float32).min)
-    probs_BxHxNxN = jax.nn.softmax(logits_BxHxNxN, axis=-1).astype(self.dtype)
-    out_BxNxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxNxN, v_BxNxHxK)
-    return nn.DenseGeneral(self.width, axis=(-2, -1), dtype=self.dtype, name="out")(out_BxNxHxK)
+    q_BxTxHxK = dense("query")(x_BxTxW)
+    k_BxSxHxK = dense("key")(x_BxTxW)
+    v_BxSxHxK = dense("value")(x_BxTxW)
+    t = x_BxTxW.shape[1]
+    q_pos = jnp.arange(t)
+    if cache is not None:
+      k_BxSxHxK = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BxSxHxK.astype(cache[0].dtype),
+                                                      index, axis=1)
+      v_BxSxHxK = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BxSxHxK.astype(cache[1].dtype),
+                                                      index, axis=1)
+      cache = (k_BxSxHxK, v_BxSxHxK)
+      q_pos = q_pos + index
+    # [B, H, T, S] layout: plain batched matmuls were the fastest form on CPU (STYLE.md figures).
+    logits_BxHxTxS = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxSxHxK).astype(jnp.float32)
+    logits_BxHxTxS = logits_BxHxTxS * (self.head_dim ** -0.5)
+    if self.causal or cache is not None:
+      mask_TxS = jnp.arange(k_BxSxHxK.shape[1])[None, :] <= q_pos[:, None]
+      logits_BxHxTxS = jnp.where(mask_TxS, logits_BxHxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(self.dtype)
+    out_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxTxS, v_BxSxHxK.astype(self.dtype))
+    out = nn.DenseGeneral(self.width, axis=(-2, -1), dtype=self.dtype, name="out")(out_BxTxHxK)
+    return out, cache
 
 
 class MLP(nn.Module):
@@ -54,7 +76,7 @@ class MLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-  """Pre-norm layer: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-norm layer: x + Attn(LN(x)), then x + MLP(LN(x)). Returns (x, new cache or None)."""
   width: int
   head_dim: int = 64
   mlp_ratio: int = 4
@@ -62,17 +84,22 @@ class TransformerLayer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxNxW: jax.Array) -> jax.Array:
+  def __call__(self, x_BxNxW: jax.Array, cache=None, index=None):
     norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
-    x_BxNxW = x_BxNxW + Attention(self.width, self.head_dim, self.causal, self.dtype,
-                                  name="attn")(norm("ln_attn")(x_BxNxW))
+    attn, cache = Attention(self.width, self.head_dim, self.causal, self.dtype,
+                            name="attn")(norm("ln_attn")(x_BxNxW), cache, index)
+    x_BxNxW = x_BxNxW + attn
     x_BxNxW = x_BxNxW + MLP(self.width, self.mlp_ratio, self.dtype,
                             name="mlp")(norm("ln_mlp")(x_BxNxW))
-    return x_BxNxW
+    return x_BxNxW, cache
 
 
 class Transformer(nn.Module):
-  """`depth` pre-norm layers followed by a final layer norm. Input and output [B, N, W]."""
+  """`depth` pre-norm layers followed by a final layer norm, input and output [B, T, W].
+
+  `caches` (from `init_kv_cache`) and `index` switch on incremental decoding: x then holds
+  positions index .. index+T-1 and the call returns (out, new caches); without them it returns out.
+  """
   width: int
   depth: int
   head_dim: int = 64
@@ -81,9 +108,13 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxNxW: jax.Array) -> jax.Array:
-    x_BxNxW = x_BxNxW.astype(self.dtype)
+  def __call__(self, x_BxTxW: jax.Array, caches=None, index=None):
+    x_BxTxW = x_BxTxW.astype(self.dtype)
+    new_caches = []
     for i in range(self.depth):
-      x_BxNxW = TransformerLayer(self.width, self.head_dim, self.mlp_ratio, self.causal,
-                                 self.dtype, name=f"layer_{i}")(x_BxNxW)
-    return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x_BxNxW)
+      x_BxTxW, cache = TransformerLayer(self.width, self.head_dim, self.mlp_ratio, self.causal,
+                                        self.dtype, name=f"layer_{i}")(
+                                            x_BxTxW, None if caches is None else caches[i], index)
+      new_caches.append(cache)
+    out = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x_BxTxW)
+    return out if caches is None else (out, new_caches)

@@ -10,6 +10,7 @@ Causal Transformer outputs at positions M-1 .. M+N-1 (N + 1 of them):
 
 Class ids are 0..C-1; id C is the null class (label dropout, CFG, and unconditional data with C = 0).
 """
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +18,50 @@ import jax
 import jax.numpy as jnp
 
 from farmer_jax.models import gmm, layers
+
+
+GUIDANCE_MODES = ("none", "resample", "naive")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """How the prior draws latents (SPEC sec. 5). Field names follow the paper's Table 6.
+
+  guidance: "none" (decoupled sampling: logits / temperature, std * scale, per head),
+            "resample" (Algorithm 1) or "naive" (JetFormer/GIVT rejection sampling).
+  """
+  guidance: str = "none"
+  w: float = 0.0
+  temperature: float = 1.0             # informative head, unguided and naive
+  scale: float = 1.0
+  temperature_redundant: float = 1.0   # redundant head, unguided and naive
+  scale_redundant: float = 1.0
+  num_cond: int = 5                    # s_c
+  num_uncond: int = 5                  # s_u
+  t_pi: float = 1.0
+  t_sigma: float = 1.0
+  t_pi_v: float = 1.0
+  t_sigma_v: float = 1.0
+  t_s: float = 1.0
+  ts_mode: str = "multiply"            # ours: log-weights * T_s ("divide": / T_s)
+  weight_all_by_w: bool = False        # the appendix's variant: every candidate weighted by w
+  redundant_pool: int = 64             # ours: candidates for the shared redundant GMM
+  naive_max_tries: int = 32
+
+  def validate(self, prefix: str = "config.sample") -> None:
+    def need(ok, field, why):
+      if not ok:
+        raise ValueError(f"{prefix}.{field} = {getattr(self, field)!r}: {why}")
+    need(self.guidance in GUIDANCE_MODES, "guidance", f"must be one of {GUIDANCE_MODES}")
+    need(self.w >= 0, "w", "must be >= 0")
+    for f in ("temperature", "scale", "temperature_redundant", "scale_redundant", "t_pi",
+              "t_sigma", "t_pi_v", "t_sigma_v", "t_s"):
+      need(getattr(self, f) > 0, f, "must be > 0")
+    need(self.num_cond >= 0 and self.num_uncond >= 0 and self.num_cond + self.num_uncond > 0,
+         "num_cond", "num_cond and num_uncond must be >= 0 with a positive sum")
+    need(self.ts_mode in ("multiply", "divide"), "ts_mode", "must be 'multiply' or 'divide'")
+    need(self.redundant_pool > 0, "redundant_pool", "must be a positive integer")
+    need(self.naive_max_tries > 0, "naive_max_tries", "must be a positive integer")
 
 
 class Prior(nn.Module):
@@ -92,28 +137,94 @@ class Prior(nn.Module):
                             axis=1)
     return log_p_inf_B, log_p_red_B
 
-  def sample(self, key: jax.Array, labels_B: jax.Array, temperature: float = 1.0,
-             scale: float = 1.0, temperature_redundant: float = 1.0,
-             scale_redundant: float = 1.0) -> jax.Array:
-    """Plain ancestral sampling, token by token, recomputing the prefix: -> z [B, N, D] float32."""
+  def _draw(self, key, mixture, s: SamplerConfig, b: int, redundant: bool,
+            num_draws: int | None = None):
+    """One latent per example from mixture params of a [B] (unguided) or [2B] (cond + null) batch."""
+    if s.guidance == "none":
+      t, sc = (s.temperature_redundant, s.scale_redundant) if redundant else (s.temperature, s.scale)
+      if num_draws is None:
+        return gmm.sample(key, *mixture, t, sc)
+      return gmm.sample_many(key, mixture, num_draws, t, sc)
+    cond = tuple(a[:b] for a in mixture)
+    uncond = tuple(a[b:] for a in mixture)
+    if s.guidance == "naive":
+      t, sc = (s.temperature_redundant, s.scale_redundant) if redundant else (s.temperature, s.scale)
+      draw = lambda k: gmm.naive_cfg(k, cond, uncond, w=s.w, temperature=t, scale=sc,
+                                     max_tries=s.naive_max_tries)
+      return draw(key) if num_draws is None else jax.vmap(draw)(jax.random.split(key, num_draws))
+    num_cond, num_uncond = s.num_cond, s.num_uncond
+    if redundant:   # one larger pool, same proportions, resampled with replacement
+      total = s.num_cond + s.num_uncond
+      num_cond = round(s.redundant_pool * s.num_cond / total)
+      num_uncond = s.redundant_pool - num_cond
+    return gmm.resample_cfg(key, cond, uncond, w=s.w, num_cond=num_cond, num_uncond=num_uncond,
+                            t_pi=s.t_pi, t_sigma=s.t_sigma, t_pi_v=s.t_pi_v,
+                            t_sigma_v=s.t_sigma_v, t_s=s.t_s, ts_mode=s.ts_mode,
+                            weight_all_by_w=s.weight_all_by_w, num_draws=num_draws)
+
+  def decode(self, key: jax.Array, labels_B: jax.Array, s: SamplerConfig) -> jax.Array:
+    """KV-cached sampling of z [B, N, D] (prior order), guided or not.
+
+    The class slots are prefilled in one pass; then a `lax.scan` over the N informative tokens feeds
+    each drawn z_i^I at its position into preallocated per-layer caches. With guidance the
+    conditional and null-class branches are one batch of 2B that share every drawn token. The
+    output at z_N^I parameterises the shared redundant GMM, drawn N times per example.
+    """
+    b, n, m = labels_B.shape[0], self.num_tokens, self.class_repeat
+    guided = s.guidance != "none"
+    labels = (jnp.concatenate([labels_B, jnp.full_like(labels_B, self.null_class)])
+              if guided else labels_B)
+    caches = layers.init_kv_cache(labels.shape[0], m + n, self.width, self.depth, self.head_dim,
+                                  self.dtype)
+    cls = jnp.broadcast_to(self.class_embed(labels)[:, None].astype(self.dtype),
+                           (labels.shape[0], m, self.width)) + self.pos[:m].astype(self.dtype)
+    out, caches = self.transformer(cls, caches, 0)
+
+    def step(prior, carry, i):
+      caches, h_last, k = carry
+      k, k_i = jax.random.split(k)
+      z_i = prior._draw(k_i, prior.informative_gmm(h_last), s, b, redundant=False)   # [B, d_I]
+      z_in = jnp.concatenate([z_i, z_i]) if guided else z_i
+      e = prior.embed(z_in[:, None].astype(prior.dtype))
+      e = e + jax.lax.dynamic_index_in_dim(prior.pos, m + i, keepdims=True).astype(e.dtype)
+      out, caches = prior.transformer(e, caches, m + i)
+      return (caches, out[:, 0], k), z_i
+
+    key, k_red = jax.random.split(key)
+    scan = nn.scan(step, variable_broadcast="params", split_rngs={"params": False}, out_axes=1)
+    (_, h_last, _), z_inf = scan(self, (caches, out[:, -1], key), jnp.arange(n))
+    return self._with_redundant(k_red, z_inf, h_last, s)
+
+  def decode_recompute(self, key: jax.Array, labels_B: jax.Array, s: SamplerConfig) -> jax.Array:
+    """`decode` recomputing the whole prefix at every token: the same key schedule and draws, O(N)
+    full passes. The reference that the KV-cached `decode` is tested and benchmarked against."""
     b, n = labels_B.shape[0], self.num_tokens
+    guided = s.guidance != "none"
+    labels = (jnp.concatenate([labels_B, jnp.full_like(labels_B, self.null_class)])
+              if guided else labels_B)
+    both = lambda z: jnp.concatenate([z, z]) if guided else z
 
     def step(prior, carry):
       i, z_inf, k = carry
       k, k_i = jax.random.split(k)
-      h_i = prior.hidden(z_inf, labels_B)[:, i]
-      z_i = gmm.sample(k_i, *prior.informative_gmm(h_i), temperature, scale)
+      h_i = jax.lax.dynamic_index_in_dim(prior.hidden(both(z_inf), labels), i, axis=1,
+                                         keepdims=False)
+      z_i = prior._draw(k_i, prior.informative_gmm(h_i), s, b, redundant=False)
       return i + 1, z_inf.at[:, i].set(z_i), k
 
     key, k_red = jax.random.split(key)
     init = (jnp.int32(0), jnp.zeros((b, n, self.d_informative), jnp.float32), key)
     _, z_inf, _ = nn.while_loop(lambda _, c: c[0] < n, step, self, init)
+    return self._with_redundant(k_red, z_inf, self.hidden(both(z_inf), labels)[:, -1], s)
+
+  def _with_redundant(self, key, z_inf_BxNxI, h_last, s: SamplerConfig) -> jax.Array:
+    """Appends redundant channels drawn from G_{N+1} (params from h_last) -> z [B, N, D]."""
+    b, n = z_inf_BxNxI.shape[:2]
     if self.d_redundant == 0:
-      return z_inf
+      return z_inf_BxNxI
     if self.redundant_model == "normal":
-      z_red = scale_redundant * jax.random.normal(k_red, (b, n, self.d_redundant), jnp.float32)
+      z_red = s.scale_redundant * jax.random.normal(key, (b, n, self.d_redundant), jnp.float32)
     else:
-      logits, means, scales = self.redundant_gmm(self.hidden(z_inf, labels_B)[:, -1])
-      z_red = gmm.sample(k_red, jnp.repeat(logits[:, None], n, axis=1), means[:, None], scales[:, None],
-                         temperature_redundant, scale_redundant)
-    return jnp.concatenate([z_inf, z_red], axis=-1)
+      z_red = jnp.swapaxes(self._draw(key, self.redundant_gmm(h_last), s, b, redundant=True,
+                                      num_draws=n), 0, 1)
+    return jnp.concatenate([z_inf_BxNxI, z_red], axis=-1)
