@@ -102,9 +102,12 @@ def save_grid_png(path: str, images: np.ndarray, num_levels: int, rows: int,
   cols = -(-n // rows)
   pixels = (images.astype(np.float32) * (255.0 / (num_levels - 1))).round().astype(np.uint8)
   pixels = np.pad(pixels, ((0, rows * cols - n), (0, 0), (0, 0), (0, 0)))
-  grid = pixels.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
   up = max(1, min_cell // max(h, w))
-  grid = grid.repeat(up, axis=0).repeat(up, axis=1)
+  pixels = pixels.repeat(up, axis=1).repeat(up, axis=2)
+  # A grey line right of and below every cell, so that images with dark borders stay apart.
+  pixels = np.pad(pixels, ((0, 0), (0, 2), (0, 2), (0, 0)), constant_values=96)
+  h, w = pixels.shape[1:3]
+  grid = pixels.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
   Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
   return grid
 

@@ -1,0 +1,128 @@
+"""Every experiment config field, with its default and where the value comes from.
+
+Experiment files in configs/ start from `base_config()` and override what differs. Fields set to
+None here have no sensible default (model sizes, batch size, step count): a config that leaves one
+unset fails validation naming it. Values marked "ours" are choices the paper does not make.
+"""
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = dict(
+      name=None,                 # digits | mnist | cifar10 | imagenet2012 | downsampled_imagenet/64x64
+      image_size=None,
+      channels=3,
+      num_levels=256,            # uint8 images (SPEC sec. 1)
+      num_classes=0,             # 0: unconditional (the null class only)
+      hflip=False,               # ours: on by default for ImageNet configs (SPEC sec. 1)
+      data_dir=None,             # tfds data_dir (None: ~/tensorflow_datasets)
+      train_split="train",
+      eval_split="test",
+      shuffle_buffer=10_000,
+  )
+
+  c.model = dict(
+      patch_size=None,
+      # Autoregressive flow (SPEC sec. 2).
+      af_blocks=None,
+      af_layers=None,
+      af_width=None,
+      head_dim=64,               # SPEC sec. 2
+      mlp_ratio=4,               # SPEC sec. 2
+      af_start_token=True,       # ours: transform token 1 too (paper leaves it unchanged: False)
+      logscale_clip=4.0,         # ours: a = c * tanh(a_raw / c), SPEC sec. 2; 0 disables
+      af_class_conditional=False,  # ours: FARMER's AF is unconditional
+      # AR prior with GMM heads (SPEC sec. 3).
+      prior_layers=None,
+      prior_width=None,
+      d_informative=None,        # paper: 128 of 768 at patch 16; d_I = d means no split
+      class_repeat=64,           # paper: class embedding x 64 (FID 49.29 -> 45.34)
+      k_informative=64,          # paper
+      k_redundant=200,           # paper (ablations: 1024)
+      redundant_model="gmm",     # gmm (FARMER) | normal (JetFormer's N(0, I) baseline)
+      label_dropout=0.1,         # ours, as TARFlow / JetFormer
+      final_permutation=True,    # paper: prior reads opposite to the last AF block (44.56)
+      scale_floor=1e-6,          # ours: squareplus floor, SPEC sec. 3
+      dtype="float32",           # compute dtype; flow math is float32 regardless
+  )
+
+  c.train = dict(
+      batch_size=None,
+      num_steps=None,
+      learning_rate=1e-4,        # paper, SPEC sec. 8
+      min_learning_rate=1e-6,    # paper: cosine to 1e-6
+      warmup_steps=5000,         # paper
+      b1=0.9, b2=0.95,           # paper
+      weight_decay=0.03,         # paper
+      grad_clip=1.0,             # ours
+      ema_decay=0.9999,          # ours
+      noise_max=0.1,             # SPEC sec. 1: generation noise, cosine 0.1 -> 0.005
+      noise_min=0.005,           # (likelihood runs set both to 0)
+      latent_norm_penalty=0.0,   # ours, off by default (SPEC sec. 4)
+      skip_nonfinite=False,      # ours: False stops at a non-finite loss, True skips that step
+      log_every=100,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+  )
+
+  c.eval = dict(
+      batch_size=None,
+      every=10_000,              # also always at the end of training
+      dequant_seed=0,
+  )
+
+  c.sample = dict(
+      per_class=10,              # one grid row per class
+      classes="all",             # or comma-separated ids, e.g. "3,5"
+      batch_size=64,             # fixed batch: one compilation, any number of samples
+      seed=0,
+      # Prior sampling (SPEC sec. 5; names follow the paper's Table 6).
+      guidance="none",           # none | resample (Algorithm 1) | naive (JetFormer/GIVT)
+      w=0.0,
+      temperature=1.0,           # informative head: logits / T  (unguided and naive)
+      scale=1.0,                 # informative head: std * s
+      temperature_redundant=1.0,
+      scale_redundant=1.0,
+      num_cond=5, num_uncond=5,  # s_c / s_u (paper: 5 / 5)
+      t_pi=1.0, t_sigma=1.0,     # proposal temperatures
+      t_pi_v=1.0, t_sigma_v=1.0, # temperatures of the densities in the weights
+      t_s=1.0,                   # T_s on the log-weights
+      ts_mode="multiply",        # ours: log-weights * T_s ("divide": / T_s); the paper is ambiguous
+      weight_all_by_w=False,     # the appendix's variant: all candidates weighted by w
+      redundant_pool=64,         # ours: pool for the shared redundant GMM, resampled N times
+      naive_max_tries=32,
+      denoise=False,             # TARFlow-style score step with sigma = train.noise_min
+  )
+  return c
+
+
+# ImageNet 256 (SPEC sec. 8-9). Patch 16: 256 tokens of 768; patch 8: 1024 tokens of 192.
+IMAGENET256_D_INFORMATIVE = {
+    16: 128,   # paper
+    8: 32,     # ours: the paper gives no split for patch 8; we keep its informative share, 1/6 of d
+}
+
+
+def imagenet256_config(patch: int) -> ml_collections.ConfigDict:
+  """Data, optimiser and schedule shared by the ImageNet 256 configs; sizes are set by the caller."""
+  if patch not in IMAGENET256_D_INFORMATIVE:
+    raise ValueError(f"patch must be 16 or 8 (the paper's), got {patch}")
+  c = base_config()
+  c.data.update(name="imagenet2012", image_size=256, channels=3, num_levels=256,
+                num_classes=1000, hflip=True, eval_split="validation")
+  c.model.update(patch_size=patch, d_informative=IMAGENET256_D_INFORMATIVE[patch],
+                 dtype="bfloat16")        # ours: bf16 compute, float32 params and flow math
+  # Paper: 320 epochs of 1,281,167 images. Batch size is not given (ours: 256).
+  c.train.update(batch_size=256, num_steps=320 * 1_281_167 // 256, checkpoint_every=5000)
+  c.eval.update(batch_size=256, every=50_000)
+  c.sample.update(batch_size=64, per_class=1)
+  return c
+
+
+def table6_sampler(**settings) -> dict:
+  """Resampling-CFG settings in the names of the paper's Table 6 (T_pi, T_sigma, s_c/s_u, T_pi_v,
+  T_sigma_v, T_s, w)."""
+  return dict(guidance="resample", num_cond=5, num_uncond=5, **settings)

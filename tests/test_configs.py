@@ -1,0 +1,39 @@
+"""Experiment configs: they validate, carry the paper's numbers, and size the model as the paper does."""
+import importlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from farmer_jax import config_base, train
+from farmer_jax.models import farmer
+
+
+@pytest.mark.parametrize("name,patch,w,t_pi_v", [
+    ("imagenet256_1p1b", "16", 2.5, 0.2), ("imagenet256_1p1b", "8", 2.0, 0.2),
+    ("imagenet256_1p9b", "16", 3.5, 0.2), ("imagenet256_1p9b", "8", 1.5, 0.1)])
+def test_imagenet_configs_validate_with_table6_sampling(name, patch, w, t_pi_v):
+  c = importlib.import_module(f"configs.{name}").get_config(patch)
+  mc = train.validate_config(c)
+  assert (c.sample.guidance, c.sample.w, c.sample.t_pi_v, c.sample.t_s) == ("resample", w, t_pi_v, 1.1)
+  assert (c.sample.num_cond, c.sample.num_uncond) == (5, 5)
+  assert mc.num_tokens == {"16": 256, "8": 1024}[patch]
+  assert mc.token_dim == {"16": 768, "8": 192}[patch]
+  assert mc.d_informative == config_base.IMAGENET256_D_INFORMATIVE[int(patch)]
+
+
+def test_1p1b_patch16_parameter_counts_match_the_paper():
+  """Paper Table 1: AF 828M, AR 295M. Counted from shapes only (jax.eval_shape), no memory used."""
+  c = importlib.import_module("configs.imagenet256_1p1b").get_config("16")
+  m = farmer.Farmer(train.validate_config(c))
+  shapes = jax.eval_shape(lambda: m.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                                         jnp.zeros((1, 256, 256, 3)), jnp.zeros((1,), jnp.int32)))
+  count = lambda tree: sum(a.size for a in jax.tree.leaves(tree))
+  assert abs(count(shapes["params"]["prior"]) / 295e6 - 1) < 0.01
+  assert abs(count(shapes["params"]["flow"]) / 828e6 - 1) < 0.03
+
+
+def test_every_field_without_a_default_must_be_set():
+  c = config_base.base_config()
+  with pytest.raises(ValueError, match=r"config\.train\.batch_size"):
+    train.validate_config(c)
