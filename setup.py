@@ -27,5 +27,12 @@ setuptools.setup(
         "numpy==2.4.6",
         "pillow==12.0.0",
     ],
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={"test": [
+        "pytest==9.2.0",
+        # tests/test_launch.py runs launch/colab.ipynb headless
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
+        "jupyter-client==8.10.0",
+    ]},
 )
