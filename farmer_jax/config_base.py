@@ -7,6 +7,22 @@ unset fails validation naming it. Values marked "ours" are choices the paper doe
 import ml_collections
 
 
+# Logical axis -> mesh axes (farmer_jax/sharding.py; the names are those of models/layers.py).
+# Data parallelism over `data` and `fsdp`; parameters split over `fsdp` on their width (ZeRO-3
+# style: gathered per layer in the forward and backward passes); Megatron-style `tensor`
+# parallelism over attention heads, MLP hidden units and head outputs. Unlisted names (`head_dim`,
+# `layers`, `classes`, `act_seq`, `act_embed`) stay whole.
+DEFAULT_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("out", "tensor"),
+)
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -47,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
       final_permutation=True,    # paper: prior reads opposite to the last AF block (44.56)
       scale_floor=1e-6,          # ours: squareplus floor, SPEC sec. 3
       dtype="float32",           # compute dtype; flow math is float32 regardless
+      scan_layers=False,         # ours: nn.scan over layers (stacked params; fast compiles at depth)
+      remat="none",              # ours: none | full | dots | dots_no_batch (layers.REMAT_POLICIES)
   )
 
   c.train = dict(
@@ -62,10 +80,17 @@ def base_config() -> ml_collections.ConfigDict:
       noise_max=0.1,             # SPEC sec. 1: generation noise, cosine 0.1 -> 0.005
       noise_min=0.005,           # (likelihood runs set both to 0)
       latent_norm_penalty=0.0,   # ours, off by default (SPEC sec. 4)
+      grad_accum_steps=1,        # ours: micro-batches per step (batch_size / this per pass)
       skip_nonfinite=False,      # ours: False stops at a non-finite loss, True skips that step
       log_every=100,
       checkpoint_every=1000,
       keep_checkpoints=3,
+  )
+
+  c.sharding = dict(
+      # Mesh axes in device order (the last varies fastest: keep `tensor` last); -1 takes the rest.
+      mesh=dict(data=-1, fsdp=1, tensor=1),
+      rules=DEFAULT_RULES,
   )
 
   c.eval = dict(

@@ -2,10 +2,19 @@
 
     python -m farmer_jax.main --config=configs/digits.py --workdir=runs/digits [--mode=train]
 
-Modes: train (resumes from the latest checkpoint in --workdir), evaluate (test-split bpd of the
-latest checkpoint -> <workdir>/eval/metrics.json), sample (-> <workdir>/samples/samples_<step>.npz
-and .png). Any config field can be overridden, e.g. --config.train.num_steps=100.
+Modes:
+  train     trains, resuming from the latest checkpoint in --workdir; evaluates and samples at the end
+  evaluate  test-split bpd of the latest checkpoint -> <workdir>/eval/metrics.json
+  sample    <workdir>/samples/samples_<step>.npz and .png with the config's sampler
+  plan      parameter counts, FLOPs and compiled per-device memory of the train step, as JSON
+            (--plan_devices=N fake CPU devices, or --plan_topology=v5p:4x8x8 for TPU AOT)
+Any config field can be overridden, e.g. --config.train.num_steps=100.
+
+Several processes (TPU pod hosts, SLURM tasks, Open MPI ranks) are detected from the environment
+and joined with jax.distributed.initialize(); elsewhere pass --coordinator_address,
+--num_processes and --process_id to every process.
 """
+import json
 import os
 
 from absl import app
@@ -19,22 +28,68 @@ from farmer_jax import metrics, train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "plan"], "What to do.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, where the cluster is not auto-detected.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+_PLAN_DEVICES = flags.DEFINE_integer(
+    "plan_devices", None, "--mode=plan: compile for this many fake CPU devices (default: the "
+    "devices present).")
+_PLAN_TOPOLOGY = flags.DEFINE_string(
+    "plan_topology", None, "--mode=plan: TPU slice to compile for ahead of time, e.g. v5p:4x8x8 "
+    "(needs libtpu: pip install jax[tpu] at the pinned version).")
+_PLAN_MEMORY = flags.DEFINE_float("plan_device_memory_gib", None,
+                                  "--mode=plan: memory of one device, to say whether it fits.")
+_PLAN_KIND = flags.DEFINE_string("plan_device_kind", None,
+                                 "--mode=plan: accelerator the fake devices stand for (H100, A100, "
+                                 "TPU v5p, ...), for the ideal step time at its peak.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# Variables whose presence says this process is one of several.
+_MULTI_PROCESS_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                      "JAX_COORDINATOR_ADDRESS")
+
+
+def initialize_distributed() -> None:
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    return
+  sizes = [os.environ.get(v) for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")]
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if (any(s and int(s) > 1 for s in sizes) or "," in hosts
+      or "JAX_COORDINATOR_ADDRESS" in os.environ):
+    jax.distributed.initialize()   # the cluster's environment gives address, count and rank
+
+
+def run_plan(config, workdir: str) -> dict:
+  from farmer_jax import plan  # noqa: PLC0415 (plan mode only)
+  devices = None
+  if _PLAN_TOPOLOGY.value:
+    devices = plan.tpu_devices(_PLAN_TOPOLOGY.value)
+  elif _PLAN_DEVICES.value:
+    devices = jax.devices("cpu")[:_PLAN_DEVICES.value]
+  result = plan.plan(config, devices=devices, device_memory_gib=_PLAN_MEMORY.value,
+                     device_kind=_PLAN_KIND.value)
+  metrics.write_json(os.path.join(workdir, "plan.json"), result)
+  print(json.dumps(result), flush=True)
+  return result
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   metrics.quiet_library_logs()
-  # Several processes (TPU pod hosts, SLURM tasks): the environment says so, jax finds the rest.
-  if any(v in os.environ for v in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS")):
-    if int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-      jax.distributed.initialize()
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if _MODE.value == "plan":
+    if _PLAN_DEVICES.value:   # before any backend starts
+      jax.config.update("jax_num_cpu_devices", _PLAN_DEVICES.value)
+    run_plan(config, workdir)
+    return
+  initialize_distributed()
   logging.info("JAX %s: process %d/%d, %d devices (%d local)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.local_device_count())
-  config, workdir = _CONFIG.value, _WORKDIR.value
   if _MODE.value == "train":
     train.train_and_evaluate(config, workdir)
   elif _MODE.value == "evaluate":

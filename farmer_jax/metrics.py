@@ -42,6 +42,38 @@ class Progress:
     return {"steps_per_sec": rate, "eta_min": eta_s / 60.0}
 
 
+# Dense bfloat16 peak TFLOP/s per chip (vendors' figures; H100/H200 the SXM parts), matched in order
+# against `device.device_kind` ("TPU v5 lite" is v5e, "TPU v6 lite" v6e, plain "TPU v5" v5p).
+PEAK_TFLOPS = (
+    ("TPU v6", 918.0),
+    ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+    ("TPU v5", 459.0),
+    ("TPU v4", 275.0),
+    ("H200", 989.0), ("H100", 989.0),
+    ("A100", 312.0),
+)
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """Peak TFLOP/s of one device of this kind, or None where unknown (CPUs)."""
+  for name, peak in PEAK_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+def throughput(steps_per_sec: float, flops_per_step: float, num_devices: int,
+               device_kind: str) -> dict[str, float]:
+  """Model TFLOP/s per device and, where the device's peak is known, MFU (model FLOPs only:
+  rematerialised recomputation does not count)."""
+  tflops = steps_per_sec * flops_per_step / num_devices / 1e12
+  out = {"tflops_per_device": tflops}
+  peak = peak_tflops(device_kind)
+  if peak:
+    out["mfu"] = tflops / peak
+  return out
+
+
 def mean_of(per_step: list[dict]) -> dict[str, float]:
   """Averages a list of per-step scalar dicts (one device->host transfer for the lot)."""
   stacked = jax.device_get(jax.tree.map(lambda *xs: np.stack(xs), *per_step))
@@ -53,6 +85,15 @@ def format_scalars(step: int, total: int, scalars: dict) -> str:
   for k, v in scalars.items():
     parts.append(f"{k} {v:.4g}")
   return " | ".join(parts)
+
+
+def append_jsonl(path: str, payload: dict) -> None:
+  """One JSON line per call, process 0 only (e.g. train_log.jsonl: what scripts plot)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "a") as f:
+    f.write(json.dumps(payload, sort_keys=True) + "\n")
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -1,37 +1,146 @@
-"""Device mesh and shardings.
+"""Device mesh from the config, logical-axis rules -> NamedShardings, batch placement.
 
-The single-host data-parallel layout: one `data` axis over every device, the batch split along it,
-parameters replicated. Mesh axis names appear only here and in configs.
+The model names the axes of its parameters and activations logically (`models/layers.py`:
+`embed`, `mlp`, `heads`, ..., `act_batch`, ...). The config holds the only mesh-axis names:
+
+    config.sharding.mesh  = {"data": -1, "fsdp": 1, "tensor": 1}   # axis -> size, -1: the rest
+    config.sharding.rules = (("act_batch", ("data", "fsdp")), ("embed", "fsdp"), ...)
+
+Mesh axes are laid out in the order given (the last varies fastest over the device list, so put the
+axis with the most communication, `tensor`, last). The batch is split over the mesh axes that the
+`act_batch` rule names. A parameter dimension that a mesh axis does not divide stays whole on that
+dimension (it is small: the big ones are multiples of 64).
 """
+from collections.abc import Mapping, Sequence
+import math
+from typing import Any
+
+import flax.linen as nn
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
 
-DATA_AXIS = "data"
+from farmer_jax.models import layers
+
+Rules = tuple[tuple[str, Any], ...]
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Resolves the one -1 size; raises naming config.sharding.mesh when sizes do not fit."""
+  sizes = dict(mesh_config)
+  if not sizes:
+    raise ValueError("config.sharding.mesh is empty: give at least one axis, e.g. {'data': -1}")
+  bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or (v < 1 and v != -1)}
+  if bad:
+    raise ValueError(f"config.sharding.mesh sizes must be positive integers or -1, got {bad}")
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ValueError(f"config.sharding.mesh: at most one size may be -1, got {free}")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f"config.sharding.mesh = {sizes}: the fixed sizes (product {fixed}) do not "
+                       f"divide the {num_devices} devices")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(f"config.sharding.mesh = {sizes} has {fixed} devices but there are "
+                     f"{num_devices}; set one size to -1 to take the rest")
+  return sizes
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """A mesh with Auto axis types over `devices` (default: all, every process's)."""
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = mesh_shape(mesh_config, len(devices))
+  names = tuple(sizes)
+  return jax.make_mesh(tuple(sizes.values()), names, axis_types=(AxisType.Auto,) * len(names),
+                       devices=devices)
+
+
+def rules_from_config(rules_config) -> Rules:
+  """The config's rule table as a tuple of (logical name, mesh axis | tuple of axes | None)."""
+  rules = []
+  for i, rule in enumerate(rules_config):
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f"config.sharding.rules[{i}] = {rule!r}: must be (logical_name, mesh_axes)")
+    axes = rule[1]
+    rules.append((rule[0], tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+  return tuple(rules)
+
+
+def check_rules(rules: Rules, mesh: jax.sharding.Mesh) -> None:
+  for name, axes in rules:
+    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      if axis is not None and axis not in mesh.axis_names:
+        raise ValueError(f"config.sharding.rules maps {name!r} to mesh axis {axis!r}, which is not "
+                         f"in config.sharding.mesh {tuple(mesh.axis_names)}")
+
+
+def _axis_size(mesh, axes) -> int:
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+
+
+def _fit(spec: P, shape: Sequence[int], mesh) -> P:
+  """Drops the mesh axes of any dimension they do not divide (that dimension stays whole)."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  return P(*(a if d % _axis_size(mesh, a) == 0 else None for a, d in zip(entries, shape)))
+
+
+def logical_sharding(mesh, rules: Rules, names: Sequence[str | None],
+                     shape: Sequence[int] | None = None) -> NamedSharding:
+  spec = nn.logical_to_mesh_axes(tuple(names), rules)
+  return NamedSharding(mesh, spec if shape is None else _fit(spec, shape, mesh))
+
+
+def unbox(tree):
+  """Strips flax's logical-partitioning boxes (no sharding constraint applied)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
+                      is_leaf=is_box)
+
+
+def tree_shardings(boxed_tree, mesh, rules: Rules):
+  """NamedShardings for an (abstract) pytree whose leaves may be flax logical boxes.
+
+  -> a pytree shaped like `unbox(boxed_tree)`; unboxed leaves (steps, counters) are replicated.
+  """
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+
+  def one(x):
+    if is_box(x):
+      value = x.unbox(apply_constraint=False)
+      return logical_sharding(mesh, rules, x.names, value.shape)
+    return NamedSharding(mesh, P())
+  return jax.tree.map(one, boxed_tree, is_leaf=is_box)
 
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharded(mesh) -> NamedSharding:
-  """Leading (batch) axis split over `data`, the rest whole."""
-  return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharding(mesh, rules: Rules) -> NamedSharding:
+  """Leading (batch) axis split over the mesh axes of the `act_batch` rule, the rest whole."""
+  return logical_sharding(mesh, rules, (layers.ACT_BATCH,))
 
 
-def check_batch_size(global_batch: int, mesh, field: str) -> None:
-  n = mesh.shape[DATA_AXIS]
+def batch_shards(mesh, rules: Rules) -> int:
+  """Into how many pieces the batch is split."""
+  return _axis_size(mesh, batch_sharding(mesh, rules).spec[0])
+
+
+def check_batch_size(global_batch: int, mesh, rules: Rules, field: str) -> None:
+  n = batch_shards(mesh, rules)
   if global_batch % n:
-    raise ValueError(f"{field} = {global_batch} must be divisible by the {n} devices of the "
-                     f"'{DATA_AXIS}' mesh axis")
+    raise ValueError(f"{field} = {global_batch} must be divisible by the {n} batch shards (mesh "
+                     f"axes {batch_sharding(mesh, rules).spec[0]} of {dict(mesh.shape)})")
 
 
-def to_global(local_batch: dict, mesh) -> dict:
-  """Per-process numpy batch -> global jax.Arrays sharded along the batch axis."""
-  sharding = batch_sharded(mesh)
+def to_global(local_batch: dict, mesh, rules: Rules) -> dict:
+  """Per-process numpy batch -> global jax.Arrays sharded along the batch axis.
+
+  Each process passes its own contiguous share of the global batch, process 0 first."""
+  sharding = batch_sharding(mesh, rules)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items()}

@@ -2,6 +2,8 @@
 
 Workdir layout:
   checkpoints/<step>/          Orbax checkpoints of the train state (params, EMA params, optimiser)
+  train_log.jsonl              one line per log interval: step, loss, bpd, grad norm, lr, steps/s,
+                               TFLOP/s per device and MFU (where the device's peak is known)
   eval/metrics.json            latest test-split evaluation {"step", "bpd", "split", ...}
   eval/history.jsonl           one line per evaluation
   samples/samples_<step>.npz   images (uint8, native levels), labels, num_levels; and a PNG grid
@@ -14,6 +16,7 @@ from typing import Any
 
 from absl import logging
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,7 +24,7 @@ import numpy as np
 import optax
 
 from farmer_jax import checkpoint, input_pipeline, metrics, sample, sharding
-from farmer_jax.models import farmer, prior
+from farmer_jax.models import farmer, layers, prior
 
 # ---------------------------------------------------------------------------------------------
 # Config checks: everything is validated before any compute.
@@ -32,9 +35,10 @@ _SECTIONS = {
              "train_split", "eval_split", "shuffle_buffer"},
     "train": {"batch_size", "num_steps", "learning_rate", "min_learning_rate", "warmup_steps",
               "b1", "b2", "weight_decay", "grad_clip", "ema_decay", "noise_max", "noise_min",
-              "latent_norm_penalty", "skip_nonfinite", "log_every", "checkpoint_every",
+              "latent_norm_penalty", "grad_accum_steps", "skip_nonfinite", "log_every", "checkpoint_every",
               "keep_checkpoints"},
     "eval": {"batch_size", "every", "dequant_seed"},
+    "sharding": {"mesh", "rules"},
     "sample": {"per_class", "batch_size", "seed", "classes", "denoise",
                *(f.name for f in dataclasses.fields(prior.SamplerConfig))},
 }
@@ -60,7 +64,7 @@ def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
 
   t, e, s = config.train, config.eval, config.sample
   for f in ("train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
-            "eval.batch_size", "eval.every", "sample.batch_size"):
+            "train.grad_accum_steps", "eval.batch_size", "eval.every", "sample.batch_size"):
     section, name = f.split(".")
     need(isinstance(config[section][name], int) and config[section][name] > 0, f,
          "must be a positive integer")
@@ -73,6 +77,8 @@ def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
   need(0 <= t.noise_min <= t.noise_max, "train.noise_min", "must be in [0, train.noise_max]")
   need(isinstance(s.per_class, int) and s.per_class > 0, "sample.per_class",
        "must be a positive integer")
+  need(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
+       f"must divide train.batch_size = {t.batch_size}")
   need(t.get("keep_checkpoints", 1) > 0, "train.keep_checkpoints", "must be a positive integer")
   model_config = farmer.ModelConfig.from_config(config)
   sample.sampler_config(s)
@@ -123,12 +129,16 @@ def dequantize(images_uint8: jax.Array, num_levels: int, key: jax.Array) -> jax.
   return (images_uint8.astype(jnp.float32) + u) / num_levels * 2.0 - 1.0
 
 
-def init_state(model: farmer.Farmer, tx, seed: int) -> TrainState:
+def init_state(model: farmer.Farmer, tx, seed: int, boxed: bool = False) -> TrainState:
+  """Fresh state. `boxed=True` keeps flax's logical-axis boxes on parameters (and, through
+  tx.init, on the optimiser moments): for `jax.eval_shape`, to read every leaf's sharding."""
   c = model.config
   images = jnp.zeros((1, c.image_size, c.image_size, c.channels), jnp.float32)
   labels = jnp.zeros((1,), jnp.int32)
   params = model.init({"params": jax.random.key(seed), "dropout": jax.random.key(0)},
                       images, labels)["params"]
+  if not boxed:
+    params = sharding.unbox(params)
   return TrainState(step=jnp.int32(0), params=params, ema_params=params,
                     opt_state=tx.init(params), nonfinite_step=jnp.int32(-1))
 
@@ -146,14 +156,35 @@ def train_step(state: TrainState, batch: dict, base_key: jax.Array, *, model: fa
   sigma = noise_schedule(t, state.step)
   x = x + sigma * jax.random.normal(k_noise, x.shape, jnp.float32)
 
-  def loss_fn(params):
-    out = model.apply({"params": params}, x, batch["label"], train=True, rngs={"dropout": k_drop})
+  def loss_fn(params, x, labels, k_drop):
+    out = model.apply({"params": params}, x, labels, train=True, rngs={"dropout": k_drop})
     loss = jnp.mean(out["nll"])
     if t.latent_norm_penalty > 0:
       loss = loss + t.latent_norm_penalty * jnp.mean(jnp.square(out["z"]))
-    return loss, out
+    parts = {k: jnp.mean(out[k]) for k in ("bpd", "nll_informative", "nll_redundant", "logdet")}
+    return loss, parts
 
-  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  accum = t.grad_accum_steps
+  if accum == 1:
+    (loss, parts), grads = grad_fn(state.params, x, batch["label"], k_drop)
+  else:
+    # Micro-batch i takes rows i, i + A, i + 2A, ...: every device keeps its own rows (a reshape of
+    # contiguous blocks would move data between devices). Sums of means / A = the full-batch mean.
+    def split(a):
+      a = a.reshape((a.shape[0] // accum, accum) + a.shape[1:]).swapaxes(0, 1)
+      return layers.constrain(a, None, layers.ACT_BATCH, *([None] * (a.ndim - 2)))
+
+    def micro(acc, inputs):
+      i, x_i, labels_i = inputs
+      (loss_i, parts_i), grads_i = grad_fn(state.params, x_i, labels_i,
+                                           jax.random.fold_in(k_drop, i))
+      return jax.tree.map(lambda a, b: a + b / accum, acc, (loss_i, parts_i, grads_i)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, (jnp.float32(0), {k: jnp.float32(0) for k in (
+        "bpd", "nll_informative", "nll_redundant", "logdet")}, state.params))
+    (loss, parts, grads), _ = jax.lax.scan(
+        micro, zeros, (jnp.arange(accum), split(x), split(batch["label"])))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -168,10 +199,7 @@ def train_step(state: TrainState, batch: dict, base_key: jax.Array, *, model: fa
   new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                          ema_params=keep(ema, state.ema_params),
                          opt_state=keep(opt_state, state.opt_state), nonfinite_step=nonfinite_step)
-  scalars = {"loss": loss, "bpd": jnp.mean(out["bpd"]),
-             "nll_informative": jnp.mean(out["nll_informative"]),
-             "nll_redundant": jnp.mean(out["nll_redundant"]), "logdet": jnp.mean(out["logdet"]),
-             "grad_norm": grad_norm, "learning_rate": learning_rate_schedule(t)(state.step),
+  scalars = {"loss": loss, **parts, "grad_norm": grad_norm, "learning_rate": learning_rate_schedule(t)(state.step),
              "noise_sigma": sigma, "skipped": (~finite).astype(jnp.float32)}
   return new_state, scalars
 
@@ -191,29 +219,65 @@ def eval_step(params, batch: dict, key: jax.Array, *, model: farmer.Farmer):
 
 
 class Trainer:
-  """Holds the model, the mesh and the jitted steps for one config."""
+  """Holds the model, the mesh and the jitted steps for one config.
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  Every traced function runs under the config's logical-axis rules (`self.rules`); calls must be
+  made inside `jax.set_mesh(self.mesh)` (the entry points below do), so the model's sharding
+  annotations bind to this mesh.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
     self.config = config
     self.model_config = validate_config(config)
     self.model = farmer.Farmer(self.model_config)
     self.tx = make_optimizer(config.train)
-    self.mesh = sharding.make_mesh()
-    sharding.check_batch_size(config.train.batch_size, self.mesh, "config.train.batch_size")
-    sharding.check_batch_size(config.eval.batch_size, self.mesh, "config.eval.batch_size")
-    repl, data = sharding.replicated(self.mesh), sharding.batch_sharded(self.mesh)
-    abstract = jax.eval_shape(lambda: init_state(self.model, self.tx, config.seed))
-    self.state_shardings = jax.tree.map(lambda _: repl, abstract)
-    self.abstract_state = checkpoint.abstract_like(abstract, self.state_shardings)
-    self.init = jax.jit(lambda: init_state(self.model, self.tx, config.seed),
+    self.mesh = sharding.make_mesh(config.sharding.mesh, devices)
+    self.rules = sharding.rules_from_config(config.sharding.rules)
+    sharding.check_rules(self.rules, self.mesh)
+    for field in ("train.batch_size", "eval.batch_size"):
+      section, name = field.split(".")
+      sharding.check_batch_size(config[section][name], self.mesh, self.rules, f"config.{field}")
+    micro = config.train.batch_size // config.train.grad_accum_steps
+    sharding.check_batch_size(micro, self.mesh, self.rules,
+                              "config.train.batch_size / config.train.grad_accum_steps")
+    repl = sharding.replicated(self.mesh)
+    data = sharding.batch_sharding(self.mesh, self.rules)
+    with_rules = self.with_rules
+    # Shapes and logical axes only (no allocation): the shardings every leaf of the state gets.
+    boxed = jax.eval_shape(with_rules(lambda: init_state(self.model, self.tx, config.seed, True)))
+    self.state_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
+    self.abstract_state = checkpoint.abstract_like(sharding.unbox(boxed), self.state_shardings)
+    # Each device materialises only its own shards of the fresh state.
+    self.init = jax.jit(with_rules(lambda: init_state(self.model, self.tx, config.seed)),
                         out_shardings=self.state_shardings)
     self.train_step = jax.jit(
-        lambda s, b, k: train_step(s, b, k, model=self.model, tx=self.tx, config=config),
+        with_rules(lambda s, b, k: train_step(s, b, k, model=self.model, tx=self.tx,
+                                              config=config)),
         in_shardings=(self.state_shardings, data, repl),
         out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
-    self.eval_step = jax.jit(lambda p, b, k: eval_step(p, b, k, model=self.model),
+    self.eval_step = jax.jit(with_rules(lambda p, b, k: eval_step(p, b, k, model=self.model)),
                              in_shardings=(self.state_shardings.params, data, repl),
                              out_shardings=repl)
+    self.flops_per_step = (farmer.train_flops_per_example(self.model_config)
+                           * config.train.batch_size)
+
+  def with_rules(self, fn):
+    """fn traced under this config's logical-axis rules."""
+    def wrapped(*args):
+      with nn.logical_axis_rules(self.rules):
+        return fn(*args)
+    return wrapped
+
+  def batch_to_global(self, local_batch: dict) -> dict:
+    return sharding.to_global(local_batch, self.mesh, self.rules)
+
+  def abstract_batch(self, batch_size: int) -> dict:
+    """ShapeDtypeStructs of a global training batch (for ahead-of-time lowering)."""
+    c = self.model_config
+    data = sharding.batch_sharding(self.mesh, self.rules)
+    return {"image": jax.ShapeDtypeStruct((batch_size, c.image_size, c.image_size, c.channels),
+                                          jnp.uint8, sharding=data),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=data)}
 
   def restore_or_init(self, ckpt: checkpoint.Checkpointer) -> TrainState:
     if ckpt.latest_step() is None:
@@ -231,7 +295,7 @@ class Trainer:
     totals = {"bpd_sum": 0.0, "nll_sum": 0.0, "count": 0.0}
     for i, batch in enumerate(input_pipeline.eval_iterator(
         config.data, global_batch_size=config.eval.batch_size)):
-      sums = self.eval_step(params, sharding.to_global(batch, self.mesh), jax.random.fold_in(key, i))
+      sums = self.eval_step(params, self.batch_to_global(batch), jax.random.fold_in(key, i))
       for k, v in jax.device_get(sums).items():
         totals[k] += float(v)
     n = totals["count"]
@@ -257,10 +321,11 @@ class Trainer:
     labels = sample.grid_labels(classes, s.per_class)
     sampler = sample.sampler_config(s)
     logging.info("sampling %d images: %s", len(labels), sampler)
-    images = sample.generate(
-        self.model, self.eval_params(state), labels, jax.random.key(s.seed),
-        batch_size=s.batch_size, sampler=sampler,
-        denoise_sigma=self.config.train.noise_min if s.denoise else 0.0)
+    with nn.logical_axis_rules(self.rules):   # sampling batches split over the mesh too
+      images = sample.generate(
+          self.model, self.eval_params(state), labels, jax.random.key(s.seed),
+          batch_size=s.batch_size, sampler=sampler,
+          denoise_sigma=self.config.train.noise_min if s.denoise else 0.0)
     step = int(state.step)
     npz, grid = sample.write_samples(workdir, step, images, labels, c.num_levels, rows=len(classes))
     if writer is not None and grid is not None:
@@ -278,6 +343,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 _DATA_IDENTITY = ("name", "image_size", "channels", "num_classes", "num_levels")
+# Model fields that change how the step runs but not the parameters: free to change on resume.
+_MODEL_NOT_IDENTITY = ("remat", "dtype")
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -290,6 +357,8 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
       saved = json.load(f)
     for section, keys in (("model", None), ("data", _DATA_IDENTITY)):
       for key in sorted(keys or set(saved.get(section, {})) | set(current[section])):
+        if section == "model" and key in _MODEL_NOT_IDENTITY:
+          continue
         old, new = saved.get(section, {}).get(key), current[section].get(key)
         if old != new:
           raise ValueError(
@@ -339,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   with jax.set_mesh(trainer.mesh):
     for step in range(start + 1, end + 1):
-      batch = sharding.to_global(next(data), trainer.mesh)
+      batch = trainer.batch_to_global(next(data))
       state, scalars = trainer.train_step(state, batch, base_key)
       pending.append(scalars)
       done = step == end
@@ -347,8 +416,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         check_finite()
         summary = metrics.mean_of(pending)
         summary.update(progress.update(step))
+        summary.update(metrics.throughput(summary["steps_per_sec"], trainer.flops_per_step,
+                                          trainer.mesh.size, jax.devices()[0].device_kind))
         pending = []
         writer.write_scalars(step, summary)
+        metrics.append_jsonl(os.path.join(workdir, "train_log.jsonl"), {"step": step, **summary})
         logging.info(metrics.format_scalars(step, t.num_steps, summary))
       preempted = ckpt.reached_preemption(step)
       if step % t.checkpoint_every == 0 or done or preempted:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from farmer_jax.models import flow, prior
+from farmer_jax.models import flow, gmm, layers, prior
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -46,6 +46,8 @@ class ModelConfig:
   final_permutation: bool = True
   scale_floor: float = 1e-6
   dtype: str = "float32"
+  scan_layers: bool = False      # ours: nn.scan over each Transformer's layers (stacked params)
+  remat: str = "none"            # ours: layers.REMAT_POLICIES (none | full | dots | dots_no_batch)
 
   @property
   def token_dim(self) -> int:
@@ -105,9 +107,42 @@ class ModelConfig:
     need(self.logscale_clip >= 0.0, "model.logscale_clip", "must be >= 0 (0 disables the soft clip)")
     need(self.scale_floor > 0.0, "model.scale_floor", "must be > 0")
     need(self.dtype in _DTYPES, "model.dtype", f"must be one of {sorted(_DTYPES)}")
+    need(self.remat in layers.REMAT_POLICIES, "model.remat",
+         f"must be one of {sorted(layers.REMAT_POLICIES)}")
+    need(isinstance(self.scan_layers, bool), "model.scan_layers", "must be True or False")
 
   def _value(self, dotted: str):
     return getattr(self, dotted.split(".", 1)[1])
+
+
+def forward_flops_per_example(c: ModelConfig) -> dict[str, float]:
+  """Matmul FLOPs of one forward pass of one example, {"af", "prior", "total"}.
+
+  2 FLOPs per multiply-add of every dense layer at every position it runs on, plus attention's
+  two [T, T] matmuls per layer counted in full (the causal mask does not skip them in our
+  kernels). Element-wise work (norms, softmax, GMM terms) is left out, as is customary for MFU.
+  """
+  def transformer(t: int, w: int, depth: int) -> float:
+    dense = 2 * t * (4 * w * w + 2 * c.mlp_ratio * w * w)
+    attention = 2 * 2 * t * t * w
+    return depth * (dense + attention)
+
+  n, d = c.num_tokens, c.token_dim
+  af_block = (2 * n * d * c.af_width + transformer(n, c.af_width, c.af_layers)
+              + 2 * n * c.af_width * 2 * d)
+  d_red = d - c.d_informative
+  prior_flops = (2 * n * c.d_informative * c.prior_width
+                 + transformer(c.class_repeat + n, c.prior_width, c.prior_layers)
+                 + 2 * n * c.prior_width * gmm.num_outputs(c.k_informative, c.d_informative))
+  if d_red > 0 and c.redundant_model == "gmm":
+    prior_flops += 2 * c.prior_width * gmm.num_outputs(c.k_redundant, d_red)
+  af = c.af_blocks * af_block
+  return {"af": float(af), "prior": float(prior_flops), "total": float(af + prior_flops)}
+
+
+def train_flops_per_example(c: ModelConfig) -> float:
+  """Forward + backward (2x forward) matmul FLOPs of one training example."""
+  return 3.0 * forward_flops_per_example(c)["total"]
 
 
 def patchify(images_BxHxWxC: jax.Array, p: int) -> jax.Array:
@@ -140,13 +175,15 @@ class Farmer(nn.Module):
         token_dim=c.token_dim, num_tokens=c.num_tokens, num_blocks=c.af_blocks, width=c.af_width,
         depth=c.af_layers, head_dim=c.head_dim, mlp_ratio=c.mlp_ratio,
         start_token=c.af_start_token, logscale_clip=c.logscale_clip,
-        num_classes=c.num_classes if c.af_class_conditional else 0, dtype=dtype, name="flow")
+        num_classes=c.num_classes if c.af_class_conditional else 0, dtype=dtype,
+        scan_layers=c.scan_layers, remat=c.remat, name="flow")
     self.prior = prior.Prior(
         token_dim=c.token_dim, d_informative=c.d_informative, num_tokens=c.num_tokens,
         num_classes=c.num_classes, class_repeat=c.class_repeat, width=c.prior_width,
         depth=c.prior_layers, k_informative=c.k_informative, k_redundant=c.k_redundant,
         redundant_model=c.redundant_model, head_dim=c.head_dim, mlp_ratio=c.mlp_ratio,
-        scale_floor=c.scale_floor, dtype=dtype, name="prior")
+        scale_floor=c.scale_floor, dtype=dtype, scan_layers=c.scan_layers, remat=c.remat,
+        name="prior")
 
   @property
   def prior_reads_reversed(self) -> bool:

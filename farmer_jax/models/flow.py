@@ -48,18 +48,26 @@ class AffineBlock(nn.Module):
   logscale_clip: float = 4.0
   num_classes: int = 0          # > 0: class-conditional block (ours, optional); labels in [0, C]
   dtype: Any = jnp.float32
+  scan_layers: bool = False     # see layers.Transformer
+  remat: str = "none"
 
   def setup(self):
-    self.embed = nn.Dense(self.width, dtype=self.dtype, name="embed")
-    self.pos = self.param("pos", nn.initializers.normal(0.02), (self.num_tokens, self.width))
+    self.embed = layers.dense(self.width, (None, layers.EMBED), self.dtype, "embed")
+    self.pos = self.param("pos", layers.param_init(nn.initializers.normal(0.02), None, layers.EMBED),
+                          (self.num_tokens, self.width))
     if self.start_token:
-      self.start = self.param("start", nn.initializers.normal(0.02), (self.width,))
+      self.start = self.param("start", layers.param_init(nn.initializers.normal(0.02), layers.EMBED),
+                              (self.width,))
     if self.num_classes > 0:
-      self.class_embed = nn.Embed(self.num_classes + 1, self.width, name="class_embed")
+      self.class_embed = nn.Embed(
+          self.num_classes + 1, self.width, name="class_embed",
+          embedding_init=layers.param_init(nn.linear.default_embed_init, layers.VOCAB, layers.EMBED))
     self.transformer = layers.Transformer(self.width, self.depth, self.head_dim, self.mlp_ratio,
-                                          causal=True, dtype=self.dtype, name="transformer")
-    self.head = nn.Dense(2 * self.token_dim, kernel_init=nn.initializers.zeros,
-                         bias_init=nn.initializers.zeros, dtype=self.dtype, name="head")
+                                          causal=True, dtype=self.dtype, scan_layers=self.scan_layers,
+                                          remat=self.remat, name="transformer")
+    # Zero-initialised: every block starts as the identity (SPEC sec. 2).
+    self.head = layers.dense(2 * self.token_dim, (layers.EMBED, layers.OUT), self.dtype, "head",
+                             kernel_init=nn.initializers.zeros)
 
   def affine_params(self, x_BxNxD: jax.Array, labels_B: jax.Array | None):
     """Shift and log-scale for every token from its strict prefix, processing order, float32."""
@@ -96,7 +104,7 @@ class AffineBlock(nn.Module):
     """
     z_BxNxD = self._order(z_BxNxD.astype(jnp.float32))
     b, n, _ = z_BxNxD.shape
-    caches = layers.init_kv_cache(b, n, self.width, self.depth, self.head_dim, self.dtype)
+    caches = self.transformer.init_cache(b, n)
     # With a start token, step j emits token j. Without one, token 0 passes unchanged and step j
     # (fed token j) emits token j + 1.
     first = 0 if self.start_token else 1
@@ -154,13 +162,16 @@ class Flow(nn.Module):
   logscale_clip: float = 4.0
   num_classes: int = 0
   dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: str = "none"
 
   def setup(self):
     self.blocks = [
         AffineBlock(self.token_dim, self.num_tokens, self.width, self.depth, flip=block_flips(t),
                     head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
                     start_token=self.start_token, logscale_clip=self.logscale_clip,
-                    num_classes=self.num_classes, dtype=self.dtype, name=f"block_{t}")
+                    num_classes=self.num_classes, dtype=self.dtype, scan_layers=self.scan_layers,
+                    remat=self.remat, name=f"block_{t}")
         for t in range(self.num_blocks)
     ]
 

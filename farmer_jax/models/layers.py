@@ -3,8 +3,12 @@
 Shapes: B batch, N sequence length, W width, H heads, K head dim (64, SPEC sec. 2).
 Parameters are float32; `dtype` is the compute dtype (float32 or bfloat16). Softmax and layer norm
 statistics run in float32 whatever the compute dtype.
+
+Sharding: every parameter and the main activations carry logical axis names (below); the config's
+`sharding.rules` table maps them to mesh axes (farmer_jax/sharding.py). Model code never names a
+mesh axis. Outside a mesh, or without rules in context, the annotations do nothing.
 """
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -12,12 +16,51 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+# Logical axes of parameters.
+EMBED = "embed"          # model width W
+HIDDEN = "mlp"           # MLP hidden width
+HEADS = "heads"          # attention heads H
+HEAD_DIM = "head_dim"    # K
+VOCAB = "classes"        # class-embedding table rows
+OUT = "out"              # outputs of a head (affine params, GMM params)
+LAYERS = "layers"        # the stacked axis of scanned layers
+# Logical axes of activations.
+ACT_BATCH = "act_batch"
+ACT_SEQ = "act_seq"
+ACT_EMBED = "act_embed"
+ACT_HEADS = "act_heads"
+ACT_MLP = "act_mlp"
 
-def init_kv_cache(batch: int, length: int, width: int, depth: int, head_dim: int = 64,
-                  dtype: Dtype = jnp.float32) -> list[tuple[jax.Array, jax.Array]]:
-  """Preallocated keys and values for `depth` layers: [(k, v)] each [B, length, H, K], zeros."""
-  shape = (batch, length, width // head_dim, head_dim)
-  return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(depth)]
+# Rematerialisation policies by config name (`model.remat`): what the backward pass may keep.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,                                          # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,      # recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,       # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+
+def constrain(x: jax.Array, *names) -> jax.Array:
+  """Sharding constraint by logical names (a no-op outside a mesh or without rules)."""
+  return nn.with_logical_constraint(x, names)
+
+
+def param_init(init: Callable, *names) -> Callable:
+  """An initialiser whose parameter carries logical axis names."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def dense(features: int, names: tuple[str, str], dtype: Dtype, name: str,
+          kernel_init: Callable = nn.initializers.lecun_normal(),
+          bias_init: Callable = nn.initializers.zeros) -> nn.Dense:
+  """nn.Dense whose kernel [in, out] and bias [out] carry logical axis names."""
+  return nn.Dense(features, dtype=dtype, name=name, kernel_init=param_init(kernel_init, *names),
+                  bias_init=param_init(bias_init, names[1]))
+
+
+def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(dtype=dtype, name=name, scale_init=param_init(nn.initializers.ones, EMBED),
+                      bias_init=param_init(nn.initializers.zeros, EMBED))
 
 
 class Attention(nn.Module):
@@ -38,10 +81,17 @@ class Attention(nn.Module):
     if self.width % self.head_dim:
       raise ValueError(f"width {self.width} is not a multiple of head_dim {self.head_dim}")
     heads = self.width // self.head_dim
-    dense = lambda name: nn.DenseGeneral((heads, self.head_dim), dtype=self.dtype, name=name)
-    q_BxTxHxK = dense("query")(x_BxTxW)
-    k_BxSxHxK = dense("key")(x_BxTxW)
-    v_BxSxHxK = dense("value")(x_BxTxW)
+    w_in = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+
+    def project(name):
+      kernel = self.param(name, param_init(w_in, EMBED, HEADS, HEAD_DIM),
+                          (self.width, heads, self.head_dim))
+      bias = self.param(f"{name}_bias", param_init(nn.initializers.zeros, HEADS, HEAD_DIM),
+                        (heads, self.head_dim))
+      y = jnp.einsum("btw,whk->bthk", x_BxTxW.astype(self.dtype), kernel.astype(self.dtype))
+      return constrain(y + bias.astype(self.dtype), ACT_BATCH, ACT_SEQ, ACT_HEADS, None)
+
+    q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = project("query"), project("key"), project("value")
     t = x_BxTxW.shape[1]
     q_pos = jnp.arange(t)
     if cache is not None:
@@ -59,8 +109,12 @@ class Attention(nn.Module):
       logits_BxHxTxS = jnp.where(mask_TxS, logits_BxHxTxS, jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(self.dtype)
     out_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxTxS, v_BxSxHxK.astype(self.dtype))
-    out = nn.DenseGeneral(self.width, axis=(-2, -1), dtype=self.dtype, name="out")(out_BxTxHxK)
-    return out, cache
+    w_out = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+    kernel = self.param("out", param_init(w_out, HEADS, HEAD_DIM, EMBED),
+                        (heads, self.head_dim, self.width))
+    bias = self.param("out_bias", param_init(nn.initializers.zeros, EMBED), (self.width,))
+    out = jnp.einsum("bthk,hkw->btw", out_BxTxHxK, kernel.astype(self.dtype))
+    return out + bias.astype(self.dtype), cache
 
 
 class MLP(nn.Module):
@@ -70,9 +124,9 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxNxW: jax.Array) -> jax.Array:
-    h = nn.Dense(self.width * self.mlp_ratio, dtype=self.dtype, name="up")(x_BxNxW)
-    h = nn.gelu(h)
-    return nn.Dense(self.width, dtype=self.dtype, name="down")(h)
+    h = dense(self.width * self.mlp_ratio, (EMBED, HIDDEN), self.dtype, "up")(x_BxNxW)
+    h = constrain(nn.gelu(h), ACT_BATCH, ACT_SEQ, ACT_MLP)
+    return dense(self.width, (HIDDEN, EMBED), self.dtype, "down")(h)
 
 
 class TransformerLayer(nn.Module):
@@ -85,20 +139,24 @@ class TransformerLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxNxW: jax.Array, cache=None, index=None):
-    norm = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)
+    x_BxNxW = constrain(x_BxNxW, ACT_BATCH, ACT_SEQ, ACT_EMBED)
     attn, cache = Attention(self.width, self.head_dim, self.causal, self.dtype,
-                            name="attn")(norm("ln_attn")(x_BxNxW), cache, index)
+                            name="attn")(layer_norm(self.dtype, "ln_attn")(x_BxNxW), cache, index)
     x_BxNxW = x_BxNxW + attn
     x_BxNxW = x_BxNxW + MLP(self.width, self.mlp_ratio, self.dtype,
-                            name="mlp")(norm("ln_mlp")(x_BxNxW))
-    return x_BxNxW, cache
+                            name="mlp")(layer_norm(self.dtype, "ln_mlp")(x_BxNxW))
+    return constrain(x_BxNxW, ACT_BATCH, ACT_SEQ, ACT_EMBED), cache
 
 
 class Transformer(nn.Module):
   """`depth` pre-norm layers followed by a final layer norm, input and output [B, T, W].
 
-  `caches` (from `init_kv_cache`) and `index` switch on incremental decoding: x then holds
-  positions index .. index+T-1 and the call returns (out, new caches); without them it returns out.
+  `caches` (from `init_cache`) and `index` switch on incremental decoding: x then holds positions
+  index .. index+T-1 and the call returns (out, new caches); without them it returns out.
+
+  `scan_layers` stacks the layers' parameters on a leading `layers` axis and runs them with
+  `nn.scan` (one compiled layer body: compile time independent of depth); `remat` names a policy
+  of REMAT_POLICIES for what the backward pass keeps. Neither changes the function computed.
   """
   width: int
   depth: int
@@ -106,15 +164,39 @@ class Transformer(nn.Module):
   mlp_ratio: int = 4
   causal: bool = True
   dtype: Dtype = jnp.float32
+  scan_layers: bool = False
+  remat: str = "none"
+
+  def init_cache(self, batch: int, length: int, dtype: Dtype | None = None):
+    """Zero keys and values for every layer, each [B, length, H, K]: a list of (k, v) per layer,
+    or one stacked (k, v) [depth, B, length, H, K] when the layers are scanned."""
+    shape = (batch, length, self.width // self.head_dim, self.head_dim)
+    dtype = dtype or self.dtype
+    if self.scan_layers:
+      stacked = (self.depth,) + shape
+      return (jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.depth)]
 
   @nn.compact
   def __call__(self, x_BxTxW: jax.Array, caches=None, index=None):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"config.model.remat = {self.remat!r}: must be one of "
+                       f"{sorted(REMAT_POLICIES)}")
     x_BxTxW = x_BxTxW.astype(self.dtype)
-    new_caches = []
-    for i in range(self.depth):
-      x_BxTxW, cache = TransformerLayer(self.width, self.head_dim, self.mlp_ratio, self.causal,
-                                        self.dtype, name=f"layer_{i}")(
-                                            x_BxTxW, None if caches is None else caches[i], index)
-      new_caches.append(cache)
-    out = nn.LayerNorm(dtype=self.dtype, name="ln_final")(x_BxTxW)
+    layer = TransformerLayer
+    if self.remat != "none":
+      layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
+    args = (self.width, self.head_dim, self.mlp_ratio, self.causal, self.dtype)
+    if self.scan_layers:
+      stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(0, nn.broadcast), length=self.depth,
+                      metadata_params={nn.PARTITION_NAME: LAYERS})
+      x_BxTxW, new_caches = stack(*args, name="layers")(x_BxTxW, caches, index)
+    else:
+      new_caches = []
+      for i in range(self.depth):
+        x_BxTxW, cache = layer(*args, name=f"layer_{i}")(
+            x_BxTxW, None if caches is None else caches[i], index)
+        new_caches.append(cache)
+    out = layer_norm(self.dtype, "ln_final")(x_BxTxW)
     return out if caches is None else (out, new_caches)

@@ -79,6 +79,8 @@ class Prior(nn.Module):
   mlp_ratio: int = 4
   scale_floor: float = 1e-6
   dtype: Any = jnp.float32
+  scan_layers: bool = False      # see layers.Transformer
+  remat: str = "none"
 
   @property
   def d_redundant(self) -> int:
@@ -89,17 +91,20 @@ class Prior(nn.Module):
     return self.num_classes
 
   def setup(self):
-    self.class_embed = nn.Embed(self.num_classes + 1, self.width, name="class_embed")
-    self.embed = nn.Dense(self.width, dtype=self.dtype, name="embed")
-    self.pos = self.param("pos", nn.initializers.normal(0.02),
+    self.class_embed = nn.Embed(
+        self.num_classes + 1, self.width, name="class_embed",
+        embedding_init=layers.param_init(nn.linear.default_embed_init, layers.VOCAB, layers.EMBED))
+    self.embed = layers.dense(self.width, (None, layers.EMBED), self.dtype, "embed")
+    self.pos = self.param("pos", layers.param_init(nn.initializers.normal(0.02), None, layers.EMBED),
                           (self.class_repeat + self.num_tokens, self.width))
     self.transformer = layers.Transformer(self.width, self.depth, self.head_dim, self.mlp_ratio,
-                                          causal=True, dtype=self.dtype, name="transformer")
-    self.head_informative = nn.Dense(gmm.num_outputs(self.k_informative, self.d_informative),
-                                     dtype=self.dtype, name="head_informative")
+                                          causal=True, dtype=self.dtype, scan_layers=self.scan_layers,
+                                          remat=self.remat, name="transformer")
+    self.head_informative = layers.dense(gmm.num_outputs(self.k_informative, self.d_informative),
+                                         (layers.EMBED, layers.OUT), self.dtype, "head_informative")
     if self.d_redundant > 0 and self.redundant_model == "gmm":
-      self.head_redundant = nn.Dense(gmm.num_outputs(self.k_redundant, self.d_redundant),
-                                     dtype=self.dtype, name="head_redundant")
+      self.head_redundant = layers.dense(gmm.num_outputs(self.k_redundant, self.d_redundant),
+                                         (layers.EMBED, layers.OUT), self.dtype, "head_redundant")
 
   def hidden(self, z_inf_BxNxI: jax.Array, labels_B: jax.Array) -> jax.Array:
     """Transformer outputs that predict G_1 .. G_{N+1}: [B, N + 1, W]."""
@@ -174,8 +179,7 @@ class Prior(nn.Module):
     guided = s.guidance != "none"
     labels = (jnp.concatenate([labels_B, jnp.full_like(labels_B, self.null_class)])
               if guided else labels_B)
-    caches = layers.init_kv_cache(labels.shape[0], m + n, self.width, self.depth, self.head_dim,
-                                  self.dtype)
+    caches = self.transformer.init_cache(labels.shape[0], m + n)
     cls = jnp.broadcast_to(self.class_embed(labels)[:, None].astype(self.dtype),
                            (labels.shape[0], m, self.width)) + self.pos[:m].astype(self.dtype)
     out, caches = self.transformer(cls, caches, 0)
