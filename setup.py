@@ -29,6 +29,9 @@ setuptools.setup(
     ],
     extras_require={"test": [
         "pytest==9.2.0",
+        # two workers: the suite is mostly single-threaded XLA compilation
+        "pytest-xdist==3.8.0",
+        "execnet==2.1.2",
         # tests/test_launch.py runs launch/colab.ipynb headless
         "nbclient==0.11.0",
         "nbformat==5.11.1",

@@ -22,6 +22,13 @@ SAMPLERS = {   # paper, Table 6
 def get_config(arg: str = "16") -> ml_collections.ConfigDict:
   patch = int(arg)
   c = config_base.imagenet256_config(patch)
-  c.model.update(af_blocks=32, af_layers=6, af_width=768, prior_layers=24, prior_width=1024)
+  c.model.update(af_blocks=32, af_layers=6, af_width=768, prior_layers=24, prior_width=1024,
+                 # Ours: the shared redundant head (K_R = 200 components over 640 channels at p16:
+                 # 256,200 outputs) reads a 768-d projection of the 1024-d prior output. Read
+                 # straight from 1024 it alone holds 262M parameters and the prior 583M; through
+                 # 768 the prior has 518M, near the paper's 498M (which its widths cannot give with
+                 # a head read from 1024), and the total 1.94B (paper 1.9B).
+                 redundant_head_width=768,
+                 scan_layers=True, remat="dots_no_batch")
   c.sample.update(SAMPLERS[patch])
   return c

@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
       k_informative=64,          # paper
       k_redundant=200,           # paper (ablations: 1024)
       redundant_model="gmm",     # gmm (FARMER) | normal (JetFormer's N(0, I) baseline)
+      redundant_head_width=0,    # ours: > 0 feeds that head a Linear(prior_width -> this)
       label_dropout=0.1,         # ours, as TARFlow / JetFormer
       final_permutation=True,    # paper: prior reads opposite to the last AF block (44.56)
       scale_floor=1e-6,          # ours: squareplus floor, SPEC sec. 3

@@ -66,10 +66,13 @@ def denoise(model: farmer.Farmer, params, images: jax.Array, labels: jax.Array,
 
 def generate(model: farmer.Farmer, params, labels: np.ndarray, key: jax.Array, *,
              batch_size: int, sampler: prior.SamplerConfig = prior.SamplerConfig(),
-             denoise_sigma: float = 0.0, progress: bool = True) -> np.ndarray:
+             denoise_sigma: float = 0.0, progress: bool = True,
+             out_sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
   """Samples one image per label in fixed-size batches (one compilation): -> uint8 [N, H, W, C].
 
   `denoise_sigma` > 0 applies the score-based denoising step with that noise level.
+  `out_sharding`: where the images of a batch end up; with parameters spread over several
+  processes, a replicated sharding over the mesh, so that every process can read them.
   """
   def sample_fn(p, k, y):
     images = model.apply({"params": p}, k, y, sampler, method=farmer.Farmer.sample)
@@ -77,7 +80,7 @@ def generate(model: farmer.Farmer, params, labels: np.ndarray, key: jax.Array, *
       images = jnp.clip(denoise(model, p, images, y, denoise_sigma), -1.0, 1.0)
     return images
 
-  sample_fn = jax.jit(sample_fn)
+  sample_fn = jax.jit(sample_fn, out_shardings=out_sharding)
   out, start_time = [], time.perf_counter()
   for start in range(0, len(labels), batch_size):
     chunk = labels[start:start + batch_size]

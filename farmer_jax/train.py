@@ -325,7 +325,8 @@ class Trainer:
       images = sample.generate(
           self.model, self.eval_params(state), labels, jax.random.key(s.seed),
           batch_size=s.batch_size, sampler=sampler,
-          denoise_sigma=self.config.train.noise_min if s.denoise else 0.0)
+          denoise_sigma=self.config.train.noise_min if s.denoise else 0.0,
+          out_sharding=sharding.replicated(self.mesh))
     step = int(state.step)
     npz, grid = sample.write_samples(workdir, step, images, labels, c.num_levels, rows=len(classes))
     if writer is not None and grid is not None:

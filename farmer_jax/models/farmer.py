@@ -48,6 +48,7 @@ class ModelConfig:
   dtype: str = "float32"
   scan_layers: bool = False      # ours: nn.scan over each Transformer's layers (stacked params)
   remat: str = "none"            # ours: layers.REMAT_POLICIES (none | full | dots | dots_no_batch)
+  redundant_head_width: int = 0  # ours: > 0 puts a Linear(prior_width -> this) before that head
 
   @property
   def token_dim(self) -> int:
@@ -110,6 +111,8 @@ class ModelConfig:
     need(self.remat in layers.REMAT_POLICIES, "model.remat",
          f"must be one of {sorted(layers.REMAT_POLICIES)}")
     need(isinstance(self.scan_layers, bool), "model.scan_layers", "must be True or False")
+    need(isinstance(self.redundant_head_width, int) and self.redundant_head_width >= 0,
+         "model.redundant_head_width", "must be an integer >= 0 (0: no projection)")
 
   def _value(self, dotted: str):
     return getattr(self, dotted.split(".", 1)[1])
@@ -135,7 +138,10 @@ def forward_flops_per_example(c: ModelConfig) -> dict[str, float]:
                  + transformer(c.class_repeat + n, c.prior_width, c.prior_layers)
                  + 2 * n * c.prior_width * gmm.num_outputs(c.k_informative, c.d_informative))
   if d_red > 0 and c.redundant_model == "gmm":
-    prior_flops += 2 * c.prior_width * gmm.num_outputs(c.k_redundant, d_red)
+    head_in = c.redundant_head_width or c.prior_width
+    if c.redundant_head_width:
+      prior_flops += 2 * c.prior_width * head_in
+    prior_flops += 2 * head_in * gmm.num_outputs(c.k_redundant, d_red)
   af = c.af_blocks * af_block
   return {"af": float(af), "prior": float(prior_flops), "total": float(af + prior_flops)}
 
@@ -183,7 +189,7 @@ class Farmer(nn.Module):
         depth=c.prior_layers, k_informative=c.k_informative, k_redundant=c.k_redundant,
         redundant_model=c.redundant_model, head_dim=c.head_dim, mlp_ratio=c.mlp_ratio,
         scale_floor=c.scale_floor, dtype=dtype, scan_layers=c.scan_layers, remat=c.remat,
-        name="prior")
+        redundant_head_width=c.redundant_head_width, name="prior")
 
   @property
   def prior_reads_reversed(self) -> bool:

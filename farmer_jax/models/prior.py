@@ -80,6 +80,7 @@ class Prior(nn.Module):
   scale_floor: float = 1e-6
   dtype: Any = jnp.float32
   scan_layers: bool = False      # see layers.Transformer
+  redundant_head_width: int = 0  # > 0: the redundant head reads a Linear(width -> this) projection
   remat: str = "none"
 
   @property
@@ -103,6 +104,9 @@ class Prior(nn.Module):
     self.head_informative = layers.dense(gmm.num_outputs(self.k_informative, self.d_informative),
                                          (layers.EMBED, layers.OUT), self.dtype, "head_informative")
     if self.d_redundant > 0 and self.redundant_model == "gmm":
+      if self.redundant_head_width:
+        self.redundant_proj = layers.dense(self.redundant_head_width, (None, layers.EMBED),
+                                           self.dtype, "redundant_proj")
       self.head_redundant = layers.dense(gmm.num_outputs(self.k_redundant, self.d_redundant),
                                          (layers.EMBED, layers.OUT), self.dtype, "head_redundant")
 
@@ -122,6 +126,8 @@ class Prior(nn.Module):
 
   def redundant_gmm(self, h_BxW: jax.Array):
     """Shared GMM G_{N+1} from the output at z_N^I (float32)."""
+    if self.redundant_head_width:
+      h_BxW = self.redundant_proj(h_BxW)
     return gmm.unpack(self.head_redundant(h_BxW), self.k_redundant, self.d_redundant,
                       self.scale_floor)
 

@@ -1,0 +1,77 @@
+"""Two local processes of 4 CPU devices each, joined with jax.distributed on a loopback coordinator,
+train the digits config exactly as one process of 8 devices does."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from configs import digits
+from farmer_jax import checkpoint, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+OVERRIDES = {"train.num_steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 2,
+             "train.batch_size": 16, "eval.batch_size": 120, "sample.per_class": 1,
+             "sample.batch_size": 16}
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def read_log(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "train_log.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_two_processes_train_like_one_process_of_eight_devices(tmp_path):
+  port = free_port()
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             CUDA_VISIBLE_DEVICES="")
+  env.pop("XLA_FLAGS", None)
+  multi = tmp_path / "two_processes"
+  cmd = [sys.executable, "-m", "farmer_jax.main", "--config=configs/digits.py:tiny",
+         f"--workdir={multi}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
+  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+
+  # Meanwhile, the reference: this process, 8 devices, the same config.
+  c = digits.get_config("tiny")
+  for k, v in OVERRIDES.items():
+    section, name = k.split(".")
+    c[section][name] = v
+  single = tmp_path / "one_process"
+  train.train_and_evaluate(c, str(single))
+
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+  assert "process 1/2, 8 devices (4 local)" in outputs[1]
+
+  ref, got = read_log(single), read_log(multi)
+  assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([r["loss"] for r in got], [r["loss"] for r in ref], rtol=1e-5)
+
+  # The checkpoint both processes wrote is complete: it restores, at the last step, onto a
+  # different device layout (this process's 8 devices), with the reference's parameters.
+  ckpt = checkpoint.Checkpointer(str(multi), read_only=True)
+  assert ckpt.latest_step() == STEPS
+  trainer = train.Trainer(c)
+  restored = ckpt.restore(trainer.abstract_state)
+  reference = checkpoint.Checkpointer(str(single), read_only=True).restore(trainer.abstract_state)
+  diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+           zip(jax.tree.leaves(jax.device_get(restored.params)),
+               jax.tree.leaves(jax.device_get(reference.params)))]
+  assert max(diffs) < 0.1 * c.train.learning_rate   # Adam: see test_sharding's tolerance note
+
+  with open(multi / "eval" / "metrics.json") as f, open(single / "eval" / "metrics.json") as g:
+    bpd_multi, bpd_single = json.load(f)["bpd"], json.load(g)["bpd"]
+  assert abs(bpd_multi - bpd_single) < 1e-3
+  assert (multi / "samples" / f"samples_{STEPS}.npz").exists()
