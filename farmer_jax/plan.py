@@ -83,7 +83,10 @@ def memory_of_train_step(config: ml_collections.ConfigDict, devices) -> dict:
   if isinstance(cost, list):   # older JAX returned one dict per partition
     cost = cost[0] if cost else None
   if cost and "flops" in cost:
+    # XLA's count covers every op, but each while-loop body once: with scan_layers it undercounts
+    # the layers (the analytic flops_per_example does not).
     out["xla_flops_per_device"] = float(cost["flops"])
+    out["xla_flops_counts_loop_bodies_once"] = bool(config.model.scan_layers)
   return out
 
 
