@@ -193,12 +193,13 @@ def test_loss_equals_sum_of_parts_and_bpd_formula():
   m = farmer.Farmer(c)
   x, y = images_and_labels(c)
   params = perturb(m.init(jax.random.key(0), x, y)["params"], jax.random.key(1))
-  out = m.apply({"params": params}, x, y)
+  out = jax.jit(lambda p: m.apply({"params": p}, x, y))(params)
   np.testing.assert_allclose(out["nll"], out["nll_informative"] + out["nll_redundant"] - out["logdet"],
                              rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(out["bpd"], out["nll"] / math.log(2) + math.log2(17 / 2), rtol=1e-6)
   # Parts recomputed independently: flow logdet and prior terms, per dimension.
-  z, logdet = m.apply({"params": params}, farmer.patchify(x, 2), y, method=lambda mm, v, l: mm.flow(v, l))
+  z, logdet = jax.jit(lambda p: m.apply({"params": p}, farmer.patchify(x, 2), y,
+                                        method=lambda mm, v, l: mm.flow(v, l)))(params)
   np.testing.assert_allclose(out["logdet"], logdet / c.num_dims, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(out["z"], z, atol=1e-6)
   assert np.all(np.abs(np.asarray(out["nll_redundant"])) > 0)
@@ -277,9 +278,10 @@ def test_label_dropout_uses_null_class():
   m = farmer.Farmer(c)
   x, y = images_and_labels(c, batch=64)
   params = perturb(m.init(jax.random.key(0), x, y)["params"], jax.random.key(1))
-  null = m.apply({"params": params}, x, jnp.full_like(y, c.num_classes))["nll"]
-  cond = m.apply({"params": params}, x, y)["nll"]
-  drop = m.apply({"params": params}, x, y, train=True, rngs={"dropout": jax.random.key(2)})["nll"]
+  nll = jax.jit(lambda labels, train: m.apply({"params": params}, x, labels, train=train,
+                                              rngs={"dropout": jax.random.key(2)})["nll"],
+                static_argnums=1)
+  null, cond, drop = nll(jnp.full_like(y, c.num_classes), False), nll(y, False), nll(y, True)
   is_null = np.isclose(drop, null, atol=1e-6)
   assert np.all(is_null | np.isclose(drop, cond, atol=1e-6))
   assert 16 < is_null.sum() < 48
