@@ -1,6 +1,7 @@
-"""Test setup: 8 fake CPU devices (before JAX initialises its backends), quiet TensorFlow, and one
-persistent compilation cache for the session, shared with the subprocesses tests start: many tests
-build the same tiny trainer, and CPU compilation is most of their time."""
+"""Test setup: 8 fake CPU devices (before JAX initialises its backends), quiet TensorFlow, and,
+since CPU compilation is most of the suite's time: one persistent compilation cache for the session
+(many tests build the same tiny trainer), shared with the subprocesses tests start, and cheaper
+XLA CPU compiles."""
 import os
 import tempfile
 
@@ -10,6 +11,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       tempfile.mkdtemp(prefix="farmer_jax_test_compile_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Tests run tiny models: XLA's CPU compile time dominates, and skipping LLVM's costly optimisation
+# passes cuts it by about 40% (measured on the tiny trainer) for slower but still short runs.
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE).strip()
 
 import jax  # noqa: E402
 

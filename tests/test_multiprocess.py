@@ -34,7 +34,6 @@ def test_two_processes_train_like_one_process_of_eight_devices(tmp_path):
   port = free_port()
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              CUDA_VISIBLE_DEVICES="")
-  env.pop("XLA_FLAGS", None)
   multi = tmp_path / "two_processes"
   cmd = [sys.executable, "-m", "farmer_jax.main", "--config=configs/digits.py:tiny",
          f"--workdir={multi}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",

@@ -171,7 +171,7 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
   cmd = [sys.executable, "-m", "farmer_jax.main", f"--config={REPO}/configs/digits.py:tiny",
          "--workdir=w", "--config.train.num_steps=100", "--config.train.checkpoint_every=20",
          "--config.eval.every=1000"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
              TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
   proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
