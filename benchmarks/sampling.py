@@ -32,7 +32,6 @@ excluded), then the median over a few `jax.block_until_ready` repetitions, divid
 Progress goes to stderr; the last line of stdout is one JSON object {"device", "batch", "configs"}.
 """
 import argparse
-import json
 import math
 import os
 import statistics
@@ -43,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from farmer_jax import metrics  # noqa: E402
 from farmer_jax.models import farmer, prior  # noqa: E402
 
 PATCH = 2
@@ -191,11 +191,7 @@ def main(argv=None) -> dict:
   configs = [bench_config(t, args.batch, args.reps, args.budget_s) for t in tokens]
   result = {"device": device, "batch": args.batch, "configs": configs,
             "wall_s": round(time.perf_counter() - start, 1)}
-  line = json.dumps(result)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(line + "\n")
-  print(line, flush=True)
+  metrics.print_json_line(result, args.out)
   return result
 
 

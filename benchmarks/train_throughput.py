@@ -14,7 +14,6 @@ Progress goes to stderr; the last line of stdout is one JSON object.
 import argparse
 import ast
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -92,11 +91,7 @@ def main(argv=None) -> dict:
   stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
   if stats and "peak_bytes_in_use" in stats:
     result["peak_memory_gib"] = stats["peak_bytes_in_use"] / 1024 ** 3
-  line = json.dumps(result)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(line + "\n")
-  print(line, flush=True)
+  metrics.print_json_line(result, args.out)
   return result
 
 

@@ -14,7 +14,6 @@ Several processes (TPU pod hosts, SLURM tasks, Open MPI ranks) are detected from
 and joined with jax.distributed.initialize(); elsewhere pass --coordinator_address,
 --num_processes and --process_id to every process.
 """
-import json
 import os
 
 from absl import app
@@ -72,7 +71,7 @@ def run_plan(config, workdir: str) -> dict:
   result = plan.plan(config, devices=devices, device_memory_gib=_PLAN_MEMORY.value,
                      device_kind=_PLAN_KIND.value)
   metrics.write_json(os.path.join(workdir, "plan.json"), result)
-  print(json.dumps(result), flush=True)
+  metrics.print_json_line(result)
   return result
 
 

@@ -96,6 +96,15 @@ def append_jsonl(path: str, payload: dict) -> None:
     f.write(json.dumps(payload, sort_keys=True) + "\n")
 
 
+def print_json_line(payload: dict, path: str | None = None) -> None:
+  """A script's result: one JSON line on stdout (its last line), also written to `path` if given."""
+  line = json.dumps(payload)
+  if path:
+    with open(path, "w") as f:
+      f.write(line + "\n")
+  print(line, flush=True)
+
+
 def write_json(path: str, payload: dict) -> None:
   """Atomic write (tmp + rename) so readers never see half a file; process 0 only."""
   if jax.process_index() != 0:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from farmer_jax import metrics, train
+from farmer_jax import metrics, sharding, train
 from farmer_jax.models import farmer
 
 GIB = 1024 ** 3
@@ -61,7 +61,7 @@ def memory_of_train_step(config: ml_collections.ConfigDict, devices) -> dict:
   trainer = train.Trainer(config, devices=devices)
   start = time.perf_counter()
   key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=train.sharding.replicated(trainer.mesh))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(trainer.mesh))
   with jax.set_mesh(trainer.mesh):
     lowered = trainer.train_step.lower(trainer.abstract_state,
                                        trainer.abstract_batch(config.train.batch_size), key)

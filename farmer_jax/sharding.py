@@ -94,11 +94,14 @@ def logical_sharding(mesh, rules: Rules, names: Sequence[str | None],
   return NamedSharding(mesh, spec if shape is None else _fit(spec, shape, mesh))
 
 
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
 def unbox(tree):
   """Strips flax's logical-partitioning boxes (no sharding constraint applied)."""
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
-                      is_leaf=is_box)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x, tree,
+                      is_leaf=_is_box)
 
 
 def tree_shardings(boxed_tree, mesh, rules: Rules):
@@ -106,14 +109,12 @@ def tree_shardings(boxed_tree, mesh, rules: Rules):
 
   -> a pytree shaped like `unbox(boxed_tree)`; unboxed leaves (steps, counters) are replicated.
   """
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-
   def one(x):
-    if is_box(x):
+    if _is_box(x):
       value = x.unbox(apply_constraint=False)
       return logical_sharding(mesh, rules, x.names, value.shape)
     return NamedSharding(mesh, P())
-  return jax.tree.map(one, boxed_tree, is_leaf=is_box)
+  return jax.tree.map(one, boxed_tree, is_leaf=_is_box)
 
 
 def replicated(mesh) -> NamedSharding:

@@ -35,8 +35,8 @@ _SECTIONS = {
              "train_split", "eval_split", "shuffle_buffer"},
     "train": {"batch_size", "num_steps", "learning_rate", "min_learning_rate", "warmup_steps",
               "b1", "b2", "weight_decay", "grad_clip", "ema_decay", "noise_max", "noise_min",
-              "latent_norm_penalty", "grad_accum_steps", "skip_nonfinite", "log_every", "checkpoint_every",
-              "keep_checkpoints"},
+              "latent_norm_penalty", "grad_accum_steps", "skip_nonfinite", "log_every",
+              "checkpoint_every", "keep_checkpoints"},
     "eval": {"batch_size", "every", "dequant_seed"},
     "sharding": {"mesh", "rules"},
     "sample": {"per_class", "batch_size", "seed", "classes", "denoise",
@@ -148,6 +148,10 @@ def init_state(model: farmer.Farmer, tx, seed: int, boxed: bool = False) -> Trai
 # ---------------------------------------------------------------------------------------------
 
 
+# Per-example model outputs logged as batch means next to the loss.
+_LOSS_PARTS = ("bpd", "nll_informative", "nll_redundant", "logdet")
+
+
 def train_step(state: TrainState, batch: dict, base_key: jax.Array, *, model: farmer.Farmer,
                tx, config: ml_collections.ConfigDict):
   t = config.train
@@ -161,7 +165,7 @@ def train_step(state: TrainState, batch: dict, base_key: jax.Array, *, model: fa
     loss = jnp.mean(out["nll"])
     if t.latent_norm_penalty > 0:
       loss = loss + t.latent_norm_penalty * jnp.mean(jnp.square(out["z"]))
-    parts = {k: jnp.mean(out[k]) for k in ("bpd", "nll_informative", "nll_redundant", "logdet")}
+    parts = {k: jnp.mean(out[k]) for k in _LOSS_PARTS}
     return loss, parts
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -181,8 +185,8 @@ def train_step(state: TrainState, batch: dict, base_key: jax.Array, *, model: fa
                                            jax.random.fold_in(k_drop, i))
       return jax.tree.map(lambda a, b: a + b / accum, acc, (loss_i, parts_i, grads_i)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, (jnp.float32(0), {k: jnp.float32(0) for k in (
-        "bpd", "nll_informative", "nll_redundant", "logdet")}, state.params))
+    zeros = (jnp.float32(0), {k: jnp.float32(0) for k in _LOSS_PARTS},
+             jax.tree.map(jnp.zeros_like, state.params))
     (loss, parts, grads), _ = jax.lax.scan(
         micro, zeros, (jnp.arange(accum), split(x), split(batch["label"])))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -199,8 +203,8 @@ def train_step(state: TrainState, batch: dict, base_key: jax.Array, *, model: fa
   new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                          ema_params=keep(ema, state.ema_params),
                          opt_state=keep(opt_state, state.opt_state), nonfinite_step=nonfinite_step)
-  scalars = {"loss": loss, **parts, "grad_norm": grad_norm, "learning_rate": learning_rate_schedule(t)(state.step),
-             "noise_sigma": sigma, "skipped": (~finite).astype(jnp.float32)}
+  scalars = {"loss": loss, **parts, "grad_norm": grad_norm,
+             "learning_rate": learning_rate_schedule(t)(state.step), "noise_sigma": sigma, "skipped": (~finite).astype(jnp.float32)}
   return new_state, scalars
 
 
@@ -260,6 +264,7 @@ class Trainer:
                              out_shardings=repl)
     self.flops_per_step = (farmer.train_flops_per_example(self.model_config)
                            * config.train.batch_size)
+    self.device_kind = self.mesh.devices.flat[0].device_kind
 
   def with_rules(self, fn):
     """fn traced under this config's logical-axis rules."""
@@ -418,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         summary = metrics.mean_of(pending)
         summary.update(progress.update(step))
         summary.update(metrics.throughput(summary["steps_per_sec"], trainer.flops_per_step,
-                                          trainer.mesh.size, jax.devices()[0].device_kind))
+                                          trainer.mesh.size, trainer.device_kind))
         pending = []
         writer.write_scalars(step, summary)
         metrics.append_jsonl(os.path.join(workdir, "train_log.jsonl"), {"step": step, **summary})
