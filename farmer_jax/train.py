@@ -189,6 +189,18 @@ def train_step(state: TrainState, batch: dict, base_key: jax.Array, *, model: fa
              jax.tree.map(jnp.zeros_like, state.params))
     (loss, parts, grads), _ = jax.lax.scan(
         micro, zeros, (jnp.arange(accum), split(x), split(batch["label"])))
+  new_state, scalars = apply_gradients(state, grads, loss, tx=tx, t=t)
+  return new_state, {"loss": loss, **parts, **scalars, "noise_sigma": sigma}
+
+
+def apply_gradients(state: TrainState, grads, loss: jax.Array, *, tx,
+                    t: ml_collections.ConfigDict) -> tuple[TrainState, dict]:
+  """One optimiser step with EMA (decay warmed up as min(ema_decay, (1 + k) / (10 + k))) and the
+  non-finite guard: a step whose loss, gradients or update is not finite changes nothing.
+
+  `t` is the optimiser's config section (`config.train`, or `config.distill` for the student).
+  Returns the new state and the scalars grad_norm, learning_rate, skipped.
+  """
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -203,9 +215,8 @@ def train_step(state: TrainState, batch: dict, base_key: jax.Array, *, model: fa
   new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                          ema_params=keep(ema, state.ema_params),
                          opt_state=keep(opt_state, state.opt_state), nonfinite_step=nonfinite_step)
-  scalars = {"loss": loss, **parts, "grad_norm": grad_norm,
-             "learning_rate": learning_rate_schedule(t)(state.step), "noise_sigma": sigma, "skipped": (~finite).astype(jnp.float32)}
-  return new_state, scalars
+  return new_state, {"grad_norm": grad_norm, "learning_rate": learning_rate_schedule(t)(state.step),
+                     "skipped": (~finite).astype(jnp.float32)}
 
 
 def eval_step(params, batch: dict, key: jax.Array, *, model: farmer.Farmer):
@@ -400,6 +411,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   data = input_pipeline.train_iterator(config.data, global_batch_size=t.batch_size,
                                        seed=config.seed, start_step=start)
   base_key = jax.random.key(config.seed + 1)
+  with jax.set_mesh(trainer.mesh):
+    state, preempted = run_steps(
+        state, lambda s: trainer.train_step(s, trainer.batch_to_global(next(data)), base_key),
+        start=start, end=end, t=t, ckpt=ckpt, log_path=os.path.join(workdir, "train_log.jsonl"),
+        writer=writer, flops_per_step=trainer.flops_per_step, num_devices=trainer.mesh.size,
+        device_kind=trainer.device_kind, eval_every=config.eval.every,
+        eval_fn=lambda s: trainer.evaluate(s, workdir, writer))
+    if preempted:
+      ckpt.close()
+      return state
+    ckpt.wait()
+    if int(state.step) >= t.num_steps:
+      trainer.evaluate(state, workdir, writer)
+      trainer.sample(state, workdir, writer)
+  writer.flush()
+  ckpt.close()
+  return state
+
+
+def run_steps(state: TrainState, step_fn, *, start: int, end: int, t: ml_collections.ConfigDict,
+              ckpt: checkpoint.Checkpointer, log_path: str, writer, flops_per_step: float,
+              num_devices: int, device_kind: str, eval_every: int | None = None,
+              eval_fn=None, section: str = "train") -> tuple[TrainState, bool]:
+  """The step loop every phase shares (FARMER training, distillation): steps start+1 .. end.
+
+  `step_fn(state) -> (state, scalars)` runs one jitted step on the next batch. Every
+  `t.log_every` steps the scalars' means, steps/s, ETA, TFLOP/s and MFU go to the console,
+  TensorBoard and `log_path` (JSON lines); every `t.checkpoint_every` steps, at `end` and on a
+  preemption signal the state is saved. A non-finite step stops the run (NonFiniteLossError)
+  unless `t.skip_nonfinite` (`t` is `config.<section>`). `eval_fn(state)` runs every `eval_every` steps before the last.
+  Returns (state, preempted): on preemption the checkpoint is saved and the loop returns early.
+  """
   progress = metrics.Progress(start, t.num_steps)
   pending: list[dict] = []
 
@@ -409,43 +452,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       ckpt.wait()
       raise NonFiniteLossError(
           f"non-finite loss or gradients at step {bad}; training stopped, the last checkpoint "
-          f"(step {ckpt.latest_step()}) holds finite parameters. Lower train.learning_rate or set "
-          f"train.skip_nonfinite=True to skip such steps.")
+          f"(step {ckpt.latest_step()}) holds finite parameters. Lower config.{section}.learning_rate "
+          f"or set config.{section}.skip_nonfinite=True to skip such steps.")
 
-  with jax.set_mesh(trainer.mesh):
-    for step in range(start + 1, end + 1):
-      batch = trainer.batch_to_global(next(data))
-      state, scalars = trainer.train_step(state, batch, base_key)
-      pending.append(scalars)
-      done = step == end
-      if step % t.log_every == 0 or done:
-        check_finite()
-        summary = metrics.mean_of(pending)
-        summary.update(progress.update(step))
-        summary.update(metrics.throughput(summary["steps_per_sec"], trainer.flops_per_step,
-                                          trainer.mesh.size, trainer.device_kind))
-        pending = []
-        writer.write_scalars(step, summary)
-        metrics.append_jsonl(os.path.join(workdir, "train_log.jsonl"), {"step": step, **summary})
-        logging.info(metrics.format_scalars(step, t.num_steps, summary))
-      preempted = ckpt.reached_preemption(step)
-      if step % t.checkpoint_every == 0 or done or preempted:
-        check_finite()
-        ckpt.save(step, state, force=True)
-        if preempted:
-          logging.info("preemption signal at step %d: checkpoint saved, exiting", step)
-          ckpt.close()
-          return state
-      if step % config.eval.every == 0 and step != t.num_steps:
-        trainer.evaluate(state, workdir, writer)
-
-    ckpt.wait()
-    if int(state.step) >= t.num_steps:
-      trainer.evaluate(state, workdir, writer)
-      trainer.sample(state, workdir, writer)
-  writer.flush()
-  ckpt.close()
-  return state
+  for step in range(start + 1, end + 1):
+    state, scalars = step_fn(state)
+    pending.append(scalars)
+    done = step == end
+    if step % t.log_every == 0 or done:
+      check_finite()
+      summary = metrics.mean_of(pending)
+      summary.update(progress.update(step))
+      summary.update(metrics.throughput(summary["steps_per_sec"], flops_per_step, num_devices,
+                                        device_kind))
+      pending = []
+      writer.write_scalars(step, summary)
+      metrics.append_jsonl(log_path, {"step": step, **summary})
+      logging.info(metrics.format_scalars(step, t.num_steps, summary))
+    preempted = ckpt.reached_preemption(step)
+    if step % t.checkpoint_every == 0 or done or preempted:
+      check_finite()
+      ckpt.save(step, state, force=True)
+      if preempted:
+        logging.info("preemption signal at step %d: checkpoint saved, exiting", step)
+        return state, True
+    if eval_every and eval_fn is not None and step % eval_every == 0 and step != t.num_steps:
+      eval_fn(state)
+  return state, False
 
 
 def _restore_latest(config, workdir: str) -> tuple[Trainer, TrainState]:

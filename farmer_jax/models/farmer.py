@@ -170,6 +170,16 @@ def bits_per_dim(nll_per_dim: jax.Array, num_levels: int) -> jax.Array:
   return nll_per_dim / math.log(2.0) + math.log2(num_levels / 2.0)
 
 
+def make_flow(c: ModelConfig, causal: bool = True, name: str | None = None) -> flow.Flow:
+  """The AF of this config; `causal=False` gives its one-step student (same parameter tree)."""
+  return flow.Flow(
+      token_dim=c.token_dim, num_tokens=c.num_tokens, num_blocks=c.af_blocks, width=c.af_width,
+      depth=c.af_layers, head_dim=c.head_dim, mlp_ratio=c.mlp_ratio,
+      start_token=c.af_start_token, logscale_clip=c.logscale_clip,
+      num_classes=c.num_classes if c.af_class_conditional else 0, dtype=_DTYPES[c.dtype],
+      scan_layers=c.scan_layers, remat=c.remat, causal=causal, name=name)
+
+
 class Farmer(nn.Module):
   """Images [B, H, W, C] in [-1, 1] and labels [B] (0..C-1, or C for the null class) -> nll parts."""
   config: ModelConfig
@@ -177,12 +187,7 @@ class Farmer(nn.Module):
   def setup(self):
     c = self.config
     dtype = _DTYPES[c.dtype]
-    self.flow = flow.Flow(
-        token_dim=c.token_dim, num_tokens=c.num_tokens, num_blocks=c.af_blocks, width=c.af_width,
-        depth=c.af_layers, head_dim=c.head_dim, mlp_ratio=c.mlp_ratio,
-        start_token=c.af_start_token, logscale_clip=c.logscale_clip,
-        num_classes=c.num_classes if c.af_class_conditional else 0, dtype=dtype,
-        scan_layers=c.scan_layers, remat=c.remat, name="flow")
+    self.flow = make_flow(c, name="flow")
     self.prior = prior.Prior(
         token_dim=c.token_dim, d_informative=c.d_informative, num_tokens=c.num_tokens,
         num_classes=c.num_classes, class_repeat=c.class_repeat, width=c.prior_width,
@@ -235,8 +240,20 @@ class Farmer(nn.Module):
     -> images [B, H, W, C] clipped to [-1, 1]. `recompute=True` is the slow reference path (prefix
     recomputation in the prior and in every AF block) with identical random draws.
     """
+    labels_B = self.sample_labels(labels_B)
+    z_BxNxD = self.sample_latents(key, labels_B, sampler, recompute)
+    return jnp.clip(self.decode(z_BxNxD, labels_B, recompute), -1.0, 1.0)
+
+  def sample_labels(self, labels_B: jax.Array) -> jax.Array:
+    """The labels the model samples with: the null class throughout for unconditional data."""
     if self.config.num_classes == 0:
-      labels_B = jnp.full_like(labels_B, self.config.num_classes)
+      return jnp.full_like(labels_B, self.config.num_classes)
+    return labels_B
+
+  def sample_latents(self, key: jax.Array, labels_B: jax.Array,
+                     sampler: prior.SamplerConfig = prior.SamplerConfig(),
+                     recompute: bool = False) -> jax.Array:
+    """Latents z [B, N, d] from the prior in natural token order: what the AF inverse (or its
+    distilled student) decodes. `labels_B` as returned by `sample_labels`."""
     draw = self.prior.decode_recompute if recompute else self.prior.decode
-    z_BxNxD = draw(key, labels_B, sampler)
-    return jnp.clip(self.decode(self._to_prior_order(z_BxNxD), labels_B, recompute), -1.0, 1.0)
+    return self._to_prior_order(draw(key, labels_B, sampler))

@@ -11,6 +11,12 @@ transformed) or the outputs are shifted and token 1 is left unchanged (the paper
 projection is zero-initialised, so every block is exactly the identity at initialisation.
 
 The affine step and the logdet always run in float32, whatever the Transformer's compute dtype.
+
+Distillation (SPEC sec. 6): a block built with `causal=False` is a one-step student of the
+teacher block with the same parameters. `student_inverse` reads z (all of it: bidirectional
+attention) through the teacher's input layout and inverts in one parallel pass with the teacher's
+affine form, x = z * exp(a(z)) + mu(z). The exact inverse has this form with mu, a functions of
+z_<i, so a student initialised from the teacher starts close to it and needs no new parameters.
 """
 from typing import Any
 
@@ -50,6 +56,7 @@ class AffineBlock(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = False     # see layers.Transformer
   remat: str = "none"
+  causal: bool = True           # False: the distilled one-step student of this block (SPEC sec. 6)
 
   def setup(self):
     self.embed = layers.dense(self.width, (None, layers.EMBED), self.dtype, "embed")
@@ -63,7 +70,8 @@ class AffineBlock(nn.Module):
           self.num_classes + 1, self.width, name="class_embed",
           embedding_init=layers.param_init(nn.linear.default_embed_init, layers.VOCAB, layers.EMBED))
     self.transformer = layers.Transformer(self.width, self.depth, self.head_dim, self.mlp_ratio,
-                                          causal=True, dtype=self.dtype, scan_layers=self.scan_layers,
+                                          causal=self.causal, dtype=self.dtype,
+                                          scan_layers=self.scan_layers,
                                           remat=self.remat, name="transformer")
     # Zero-initialised: every block starts as the identity (SPEC sec. 2).
     self.head = layers.dense(2 * self.token_dim, (layers.EMBED, layers.OUT), self.dtype, "head",
@@ -94,6 +102,16 @@ class AffineBlock(nn.Module):
     z_BxNxD = (x_BxNxD - mu_BxNxD) * jnp.exp(-a_BxNxD)
     logdet_B = -jnp.sum(a_BxNxD, axis=(1, 2))
     return self._order(z_BxNxD), logdet_B
+
+  def student_inverse(self, z_BxNxD: jax.Array, labels_B: jax.Array | None = None) -> jax.Array:
+    """One parallel pass z [B, N, D] -> x [B, N, D] (natural order): x = z * exp(a(z)) + mu(z).
+
+    The student's approximation of `inverse` (for a block built with causal=False; with
+    causal=True it is the teacher's network read on z instead of x, which is not the inverse).
+    """
+    z_BxNxD = self._order(z_BxNxD.astype(jnp.float32))
+    mu_BxNxD, a_BxNxD = self.affine_params(z_BxNxD, labels_B)
+    return self._order(z_BxNxD * jnp.exp(a_BxNxD) + mu_BxNxD)
 
   def inverse(self, z_BxNxD: jax.Array, labels_B: jax.Array | None = None) -> jax.Array:
     """Exact sequential inverse with a KV cache: one Transformer pass of one token per step.
@@ -164,6 +182,7 @@ class Flow(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = False
   remat: str = "none"
+  causal: bool = True           # False: the one-step student (SPEC sec. 6), same parameter tree
 
   def setup(self):
     self.blocks = [
@@ -171,7 +190,7 @@ class Flow(nn.Module):
                     head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
                     start_token=self.start_token, logscale_clip=self.logscale_clip,
                     num_classes=self.num_classes, dtype=self.dtype, scan_layers=self.scan_layers,
-                    remat=self.remat, name=f"block_{t}")
+                    remat=self.remat, causal=self.causal, name=f"block_{t}")
         for t in range(self.num_blocks)
     ]
 
@@ -183,6 +202,27 @@ class Flow(nn.Module):
       z_BxNxD, block_logdet_B = block(z_BxNxD, labels_B)
       logdet_B = logdet_B + block_logdet_B
     return z_BxNxD, logdet_B
+
+  def forward_chain(self, x_BxNxD: jax.Array, labels_B: jax.Array | None = None) -> list[jax.Array]:
+    """[Z^0 = x, Z^1, ..., Z^n]: the input and every block's output, each [B, N, D] (natural order)."""
+    chain = [x_BxNxD.astype(jnp.float32)]
+    for block in self.blocks:
+      chain.append(block(chain[-1], labels_B)[0])
+    return chain
+
+  def student_chain(self, z_BxNxD: jax.Array,
+                    labels_B: jax.Array | None = None) -> list[jax.Array]:
+    """The student's reversed chain on its own outputs: [Z~^{n-1}, ..., Z~^0] from Z~^n = z,
+    Z~^{t-1} = g_t(Z~^t) (one parallel pass per block), each [B, N, D]."""
+    chain = [z_BxNxD.astype(jnp.float32)]
+    for block in reversed(self.blocks):
+      chain.append(block.student_inverse(chain[-1], labels_B))
+    return chain[1:]
+
+  def student_inverse(self, z_BxNxD: jax.Array,
+                      labels_B: jax.Array | None = None) -> jax.Array:
+    """z [B, N, D] -> x in n parallel passes (the distilled decode; for causal=False)."""
+    return self.student_chain(z_BxNxD, labels_B)[-1]
 
   def inverse(self, z_BxNxD: jax.Array, labels_B: jax.Array | None = None,
               recompute: bool = False) -> jax.Array:
