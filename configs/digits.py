@@ -7,6 +7,10 @@ Launch (from the repository root):
 Variants, chosen with `--config=configs/digits.py:VARIANT`:
     default  the full run (about 4 minutes on 2 CPU cores, 0.57M parameters), test bpd and a sample grid;
     tiny     a few dozen steps of a very small model, for tests and smoke runs.
+A trailing `,distill` (`configs/digits.py:distill`, `:tiny,distill`) runs the distillation phase
+(SPEC sec. 6) on the trained workdir: the one-step student of the AF inverse, in <workdir>/distill:
+
+    python -m farmer_jax.main --config=configs/digits.py:distill --workdir=runs/digits
 
 Data: the 1797 digits of `sklearn.datasets.load_digits` (values 0..16, so 17 levels), split once
 with a fixed seed into 1437 train and 360 test images. Images are 8x8x1; patch 2 gives N = 16
@@ -19,9 +23,13 @@ from farmer_jax import config_base
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
+  arg, phase = config_base.split_phase(arg)
+  arg = arg or "default"
   if arg not in ("default", "tiny"):
-    raise ValueError(f"configs/digits.py: unknown variant {arg!r}; use 'default' or 'tiny'.")
+    raise ValueError(f"configs/digits.py: unknown variant {arg!r}; use 'default' or 'tiny', "
+                     f"optionally followed by ',distill'.")
   c = config_base.base_config()
+  c.phase = phase
   c.data.update(name="digits", image_size=8, channels=1, num_levels=17, num_classes=10,
                 shuffle_buffer=0)           # in memory: whole epochs are shuffled
   c.model.update(
@@ -36,6 +44,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   c.train.update(batch_size=64, num_steps=2000, learning_rate=1e-3, min_learning_rate=1e-5,
                  warmup_steps=200, ema_decay=0.999, checkpoint_every=500)
   c.eval.update(batch_size=360, every=500)
+  # Distillation of the AF inverse (ours for this data set: the paper's 60 epochs are ~1.3k steps).
+  c.distill.update(num_steps=1500, learning_rate=1e-3, min_learning_rate=1e-5, warmup_steps=100,
+                   ema_decay=0.99, log_every=100, checkpoint_every=500, eval_every=500,
+                   eval_samples=100)
   c.sample.update(
       per_class=10, batch_size=100,
       # The best found for this model (benchmarks/digits_guidance.py, 500 samples, SVC judge):
@@ -49,5 +61,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
                    class_repeat=2, k_informative=4, k_redundant=4)
     c.train.update(batch_size=16, num_steps=20, warmup_steps=5, log_every=5, checkpoint_every=10)
     c.eval.update(batch_size=120, every=20)
+    c.distill.update(num_steps=20, warmup_steps=5, log_every=5, checkpoint_every=10,
+                     eval_every=20, eval_samples=20)
     c.sample.update(per_class=2, batch_size=20)
   return c

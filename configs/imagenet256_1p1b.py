@@ -6,6 +6,9 @@ Launch (data prepared with tfds in DATA, see the README):
     python -m farmer_jax.main --config=configs/imagenet256_1p1b.py:16 --workdir=gs://BUCKET/farmer_1p1b_p16 \
         --config.data.data_dir=DATA
 
+Distillation of the AF inverse (SPEC sec. 6) into <workdir>/distill, after training: the same
+command with `:16,distill` (or `--config.phase=distill`).
+
 `:16` or `:8` picks the patch size (paper FID with CFG: 5.40 at p16, 5.02 at p8; unguided 23.07 and
 19.76). Sampling defaults are the paper's Table 6 resampling-CFG settings for that patch.
 """
@@ -20,8 +23,10 @@ SAMPLERS = {   # paper, Table 6
 
 
 def get_config(arg: str = "16") -> ml_collections.ConfigDict:
-  patch = int(arg)
+  arg, phase = config_base.split_phase(arg)
+  patch = int(arg or 16)
   c = config_base.imagenet256_config(patch)
+  c.phase = phase
   c.model.update(af_blocks=28, af_layers=4, af_width=768, prior_layers=12, prior_width=768)
   c.sample.update(SAMPLERS[patch])
   return c

@@ -6,6 +6,8 @@ Launch (tfds `downsampled_imagenet/64x64` prepared in DATA, see the README):
     python -m farmer_jax.main --config=configs/imagenet64_556m.py --workdir=gs://BUCKET/farmer_in64 \
         --config.data.data_dir=DATA
 
+Then `configs/imagenet64_556m.py:distill` distils the AF inverse (SPEC sec. 6) into <workdir>/distill.
+
 Paper numbers: 16 x 4 AF, 12 AR layers, patch 2, 556M parameters (Table 1 / supplement). Ours, as
 the paper gives no widths or split: width 768 for both (553.8M parameters, within 0.4% of 556M),
 no channel split (d_I = d = 12: every channel of a 2x2x3 patch gets its own informative GMM; the
@@ -18,9 +20,11 @@ from farmer_jax import config_base
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  arg, phase = config_base.split_phase(arg)
   if arg:
-    raise ValueError(f"configs/imagenet64_556m.py takes no argument, got {arg!r}")
+    raise ValueError(f"configs/imagenet64_556m.py takes no argument but 'distill', got {arg!r}")
   c = config_base.base_config()
+  c.phase = phase
   c.data.update(name="downsampled_imagenet/64x64", image_size=64, channels=3, num_levels=256,
                 num_classes=0, hflip=False, eval_split="validation")
   c.model.update(
@@ -38,5 +42,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.update(batch_size=256, num_steps=320 * 1_281_167 // 256, noise_max=0.0, noise_min=0.0,
                  checkpoint_every=5000)
   c.eval.update(batch_size=256, every=50_000)
+  c.distill.update(num_steps=60 * 1_281_167 // 256, checkpoint_every=5000, eval_every=50_000)
   c.sample.update(per_class=64, batch_size=64)   # unconditional: one grid of 64
   return c

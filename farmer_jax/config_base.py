@@ -26,6 +26,9 @@ DEFAULT_RULES = (
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  # train: FARMER on exact likelihood. distill: the one-step student of its AF inverse (SPEC
+  # sec. 6, farmer_jax/distill.py), from the teacher in --workdir (or distill.teacher_workdir).
+  c.phase = "train"
 
   c.data = dict(
       name=None,                 # digits | mnist | cifar10 | imagenet2012 | downsampled_imagenet/64x64
@@ -88,6 +91,32 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=3,
   )
 
+  c.distill = dict(
+      # The frozen teacher: the latest checkpoint of --workdir unless set. The student, its
+      # checkpoints, logs and evaluations live in <workdir>/distill/.
+      teacher_workdir=None,
+      teacher_step=None,         # None: the latest (on resume: the step the student started from)
+      batch_size=None,           # None: train.batch_size
+      num_steps=None,            # paper: 60 extra epochs
+      noise_max=0.3,             # paper: noisy start Z^n + s * eps, s ~ U(0, noise_max)
+      data_noise=None,           # ours: std of the Gaussian noise on the teacher's input images;
+                                 # None: train.noise_min (the noise the teacher ended training on)
+      # Optimiser of the student (ours: the paper gives none for this phase).
+      learning_rate=1e-4,
+      min_learning_rate=1e-6,
+      warmup_steps=1000,
+      b1=0.9, b2=0.95,
+      weight_decay=0.0,          # ours: no pull away from the teacher's weights
+      grad_clip=1.0,
+      ema_decay=0.9999,
+      skip_nonfinite=False,
+      log_every=100,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      eval_every=10_000,         # also at the end
+      eval_samples=64,           # prior latents decoded by teacher and student at each evaluation
+  )
+
   c.sharding = dict(
       # Mesh axes in device order (the last varies fastest: keep `tensor` last); -1 takes the rest.
       mesh=dict(data=-1, fsdp=1, tensor=1),
@@ -121,6 +150,8 @@ def base_config() -> ml_collections.ConfigDict:
       redundant_pool=64,         # ours: pool for the shared redundant GMM, resampled N times
       naive_max_tries=32,
       denoise=False,             # TARFlow-style score step with sigma = train.noise_min
+      decoder="auto",            # exact (KV-cached AF inverse) | student (distilled, one pass per
+                                 # block) | auto: the student when <workdir>/distill has one
   )
   return c
 
@@ -143,6 +174,8 @@ def imagenet256_config(patch: int) -> ml_collections.ConfigDict:
                  dtype="bfloat16")        # ours: bf16 compute, float32 params and flow math
   # Paper: 320 epochs of 1,281,167 images. Batch size is not given (ours: 256).
   c.train.update(batch_size=256, num_steps=320 * 1_281_167 // 256, checkpoint_every=5000)
+  # Distillation (--config.phase=distill): paper 60 extra epochs.
+  c.distill.update(num_steps=60 * 1_281_167 // 256, checkpoint_every=5000, eval_every=50_000)
   c.eval.update(batch_size=256, every=50_000)
   c.sample.update(batch_size=64, per_class=1)
   return c
@@ -152,3 +185,20 @@ def table6_sampler(**settings) -> dict:
   """Resampling-CFG settings in the names of the paper's Table 6 (T_pi, T_sigma, s_c/s_u, T_pi_v,
   T_sigma_v, T_s, w)."""
   return dict(guidance="resample", num_cond=5, num_uncond=5, **settings)
+
+
+PHASES = ("train", "distill")
+
+
+def split_phase(arg: str) -> tuple[str, str]:
+  """A config argument such as "16,distill" or "tiny,distill" -> ("16", "distill").
+
+  Every config in configs/ accepts a trailing `,distill` (or just `distill`) that selects the
+  distillation phase; the same as `--config.phase=distill`.
+  """
+  parts = [p.strip() for p in str(arg).split(",") if p.strip()]
+  phase = "train"
+  if parts and parts[-1] in PHASES:
+    phase = parts.pop()
+  return ",".join(parts), phase
+

@@ -4,8 +4,11 @@
 
 Modes:
   train     trains, resuming from the latest checkpoint in --workdir; evaluates and samples at the end
+            (with phase=distill: distils the AF inverse into <workdir>/distill, farmer_jax/distill.py)
   evaluate  test-split bpd of the latest checkpoint -> <workdir>/eval/metrics.json
-  sample    <workdir>/samples/samples_<step>.npz and .png with the config's sampler
+            (phase=distill: the student's evaluation -> <workdir>/distill/eval/metrics.json)
+  sample    <workdir>/samples/samples_<step>.npz and .png with the config's sampler, decoded by the
+            distilled student (..._student.npz) when <workdir>/distill has one (sample.decoder)
   plan      parameter counts, FLOPs and compiled per-device memory of the train step, as JSON
             (--plan_devices=N fake CPU devices, or --plan_topology=v5p:4x8x8 for TPU AOT)
 Any config field can be overridden, e.g. --config.train.num_steps=100.
@@ -22,7 +25,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from farmer_jax import metrics, train
+from farmer_jax import distill, metrics, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -89,10 +92,11 @@ def main(argv):
   logging.info("JAX %s: process %d/%d, %d devices (%d local)", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.local_device_count())
+  distilling = config.get("phase", "train") == "distill"
   if _MODE.value == "train":
-    train.train_and_evaluate(config, workdir)
+    (distill.distill_and_evaluate if distilling else train.train_and_evaluate)(config, workdir)
   elif _MODE.value == "evaluate":
-    train.evaluate(config, workdir)
+    (distill.evaluate_latest if distilling else train.evaluate)(config, workdir)
   else:
     train.sample_latest(config, workdir)
 

@@ -1,12 +1,13 @@
 """Sampling entry points: class-conditional image generation, `samples_<step>.npz` and a PNG grid.
 
 The sampler is the KV-cached prior decode (unguided decoupled sampling, resampling CFG or naive
-CFG, `prior.SamplerConfig`) followed by the KV-cached exact AF inverse, jitted once per batch
-shape. Images leave as uint8 in the dataset's native levels 0..L-1.
+CFG, `prior.SamplerConfig`) followed by the KV-cached exact AF inverse or the distilled one-step
+student (farmer_jax/distill.py), jitted once per batch shape. Images leave as uint8 in the dataset's native levels 0..L-1.
 """
 import dataclasses
 import os
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from farmer_jax.models import farmer, prior
+from farmer_jax.models import farmer, flow, prior
 
 
 def quantize(images: np.ndarray, num_levels: int) -> np.ndarray:
@@ -67,26 +68,40 @@ def denoise(model: farmer.Farmer, params, images: jax.Array, labels: jax.Array,
 def generate(model: farmer.Farmer, params, labels: np.ndarray, key: jax.Array, *,
              batch_size: int, sampler: prior.SamplerConfig = prior.SamplerConfig(),
              denoise_sigma: float = 0.0, progress: bool = True,
-             out_sharding: jax.sharding.Sharding | None = None) -> np.ndarray:
+             out_sharding: jax.sharding.Sharding | None = None,
+             student: tuple[flow.Flow, Any] | None = None, as_float: bool = False) -> np.ndarray:
   """Samples one image per label in fixed-size batches (one compilation): -> uint8 [N, H, W, C].
 
   `denoise_sigma` > 0 applies the score-based denoising step with that noise level.
   `out_sharding`: where the images of a batch end up; with parameters spread over several
   processes, a replicated sharding over the mesh, so that every process can read them.
+  `student`: (the distilled student Flow, its params) decodes the prior's latents in one parallel
+  pass per block instead of the exact sequential inverse (SPEC sec. 6); the same `key` draws the
+  same latents either way. `as_float`: float32 images in [-1, 1] instead of uint8 levels.
   """
-  def sample_fn(p, k, y):
-    images = model.apply({"params": p}, k, y, sampler, method=farmer.Farmer.sample)
+  def sample_fn(p, sp, k, y):
+    if sp is None:
+      images = model.apply({"params": p}, k, y, sampler, method=farmer.Farmer.sample)
+    else:
+      y = model.apply({"params": p}, y, method=farmer.Farmer.sample_labels)
+      z = model.apply({"params": p}, k, y, sampler, method=farmer.Farmer.sample_latents)
+      x = student[0].apply({"params": sp}, z, y, method=flow.Flow.student_inverse)
+      c = model.config
+      images = jnp.clip(farmer.unpatchify(x, c.patch_size, c.image_size, c.channels), -1.0, 1.0)
     if denoise_sigma > 0:
       images = jnp.clip(denoise(model, p, images, y, denoise_sigma), -1.0, 1.0)
     return images
 
   sample_fn = jax.jit(sample_fn, out_shardings=out_sharding)
+  student_params = None if student is None else student[1]
   out, start_time = [], time.perf_counter()
   for start in range(0, len(labels), batch_size):
     chunk = labels[start:start + batch_size]
     padded = np.pad(chunk, (0, batch_size - len(chunk)), mode="edge")
-    images = sample_fn(params, jax.random.fold_in(key, start), jnp.asarray(padded))
-    out.append(quantize(jax.device_get(images), model.config.num_levels)[:len(chunk)])
+    images = jax.device_get(sample_fn(params, student_params, jax.random.fold_in(key, start),
+                                      jnp.asarray(padded)))
+    images = images if as_float else quantize(images, model.config.num_levels)
+    out.append(images[:len(chunk)])
     if progress:
       done = min(start + batch_size, len(labels))
       elapsed = time.perf_counter() - start_time
@@ -116,15 +131,15 @@ def save_grid_png(path: str, images: np.ndarray, num_levels: int, rows: int,
 
 
 def write_samples(workdir: str, step: int, images: np.ndarray, labels: np.ndarray,
-                  num_levels: int, rows: int) -> tuple[str, np.ndarray]:
-  """Writes `samples/samples_<step>.npz` (images, labels, num_levels) and the PNG grid.
+                  num_levels: int, rows: int, suffix: str = "") -> tuple[str, np.ndarray]:
+  """Writes `samples/samples_<step><suffix>.npz` (images, labels, num_levels) and the PNG grid.
 
   Returns the npz path and the grid (uint8 [H', W', C]).
   """
   out_dir = os.path.join(workdir, "samples")
   os.makedirs(out_dir, exist_ok=True)
-  npz = os.path.join(out_dir, f"samples_{step}.npz")
-  png = os.path.join(out_dir, f"samples_{step}.png")
+  npz = os.path.join(out_dir, f"samples_{step}{suffix}.npz")
+  png = os.path.join(out_dir, f"samples_{step}{suffix}.png")
   grid = None
   if jax.process_index() == 0:
     np.savez(npz, images=images, labels=labels, num_levels=np.int32(num_levels))

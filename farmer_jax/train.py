@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from farmer_jax import checkpoint, input_pipeline, metrics, sample, sharding
+from farmer_jax import checkpoint, config_base, input_pipeline, metrics, sample, sharding
 from farmer_jax.models import farmer, layers, prior
 
 # ---------------------------------------------------------------------------------------------
@@ -39,10 +39,49 @@ _SECTIONS = {
               "checkpoint_every", "keep_checkpoints"},
     "eval": {"batch_size", "every", "dequant_seed"},
     "sharding": {"mesh", "rules"},
-    "sample": {"per_class", "batch_size", "seed", "classes", "denoise",
+    "sample": {"per_class", "batch_size", "seed", "classes", "denoise", "decoder",
                *(f.name for f in dataclasses.fields(prior.SamplerConfig))},
+    "distill": {"teacher_workdir", "teacher_step", "batch_size", "num_steps", "noise_max",
+                "data_noise", "learning_rate", "min_learning_rate", "warmup_steps", "b1", "b2",
+                "weight_decay", "grad_clip", "ema_decay", "skip_nonfinite", "log_every",
+                "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples"},
 }
-_TOP_LEVEL = {"seed", "model", *_SECTIONS}
+_TOP_LEVEL = {"seed", "phase", "model", *_SECTIONS}
+DECODERS = ("auto", "exact", "student")
+
+
+def _checker(config: ml_collections.ConfigDict):
+  """need(ok, "section.field", why) raises ValueError naming the field and its value."""
+  def need(ok: bool, field: str, why: str):
+    if not ok:
+      value = config.get(field) if "." not in field else config[field.split(".")[0]].get(
+          field.split(".")[1])
+      raise ValueError(f"config.{field} = {value!r}: {why}")
+  return need
+
+
+def validate_distill(config: ml_collections.ConfigDict) -> None:
+  """The `distill` section, for phase=distill (SPEC sec. 6)."""
+  need, d = _checker(config), config.distill
+  for f in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
+            "eval_samples"):
+    need(isinstance(d[f], int) and d[f] > 0, f"distill.{f}",
+         "must be a positive integer" + (" (paper: 60 epochs)" if f == "num_steps" else ""))
+  need(d.batch_size is None or (isinstance(d.batch_size, int) and d.batch_size > 0),
+       "distill.batch_size", "must be a positive integer or None (train.batch_size)")
+  need(d.teacher_step is None or (isinstance(d.teacher_step, int) and d.teacher_step > 0),
+       "distill.teacher_step", "must be a positive integer or None (the latest checkpoint)")
+  need(d.noise_max >= 0, "distill.noise_max", "must be >= 0 (paper: 0.3)")
+  need(d.data_noise is None or d.data_noise >= 0, "distill.data_noise",
+       "must be >= 0 or None (train.noise_min)")
+  need(d.learning_rate > 0, "distill.learning_rate", "must be > 0")
+  need(0 <= d.min_learning_rate <= d.learning_rate, "distill.min_learning_rate",
+       "must be in [0, distill.learning_rate]")
+  need(d.warmup_steps >= 0, "distill.warmup_steps", "must be >= 0")
+  need(0 <= d.ema_decay < 1, "distill.ema_decay", "must be in [0, 1) (0 disables EMA)")
+  need(d.grad_clip >= 0, "distill.grad_clip", "must be >= 0 (0 disables clipping)")
+  need(config.model.af_blocks and config.model.af_blocks > 0, "model.af_blocks",
+       "must be > 0 to distil: there is no AF inverse to distil")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
@@ -57,11 +96,7 @@ def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
     if extra:
       raise ValueError(f"config.{section} has unknown field(s) {extra}; known: {sorted(known)}")
 
-  def need(ok: bool, field: str, why: str):
-    if not ok:
-      section, name = field.split(".")
-      raise ValueError(f"config.{field} = {config[section].get(name)!r}: {why}")
-
+  need = _checker(config)
   t, e, s = config.train, config.eval, config.sample
   for f in ("train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
             "train.grad_accum_steps", "eval.batch_size", "eval.every", "sample.batch_size"):
@@ -80,6 +115,11 @@ def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
   need(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
        f"must divide train.batch_size = {t.batch_size}")
   need(t.get("keep_checkpoints", 1) > 0, "train.keep_checkpoints", "must be a positive integer")
+  need(s.get("decoder", "auto") in DECODERS, "sample.decoder", f"must be one of {DECODERS}")
+  need(config.get("phase", "train") in config_base.PHASES, "phase",
+       f"must be one of {config_base.PHASES}")
+  if config.get("phase") == "distill":
+    validate_distill(config)
   model_config = farmer.ModelConfig.from_config(config)
   sample.sampler_config(s)
   sample.parse_classes(s.classes, model_config.num_classes)
@@ -329,9 +369,11 @@ class Trainer:
       writer.write_scalars(step, {"eval/bpd": result["bpd"]})
     return result
 
-  def sample(self, state: TrainState, workdir: str, writer=None) -> str:
+  def sample(self, state: TrainState, workdir: str, writer=None, *, student=None,
+             suffix: str = "") -> str:
     """Samples `per_class` images of each chosen class with the config's sampler -> one grid row per
-    class in samples_<step>.png, and samples_<step>.npz; returns the npz path."""
+    class in samples_<step><suffix>.png, and samples_<step><suffix>.npz; returns the npz path.
+    `student`: (Flow, params) of a distilled student that decodes instead of the exact inverse."""
     s, c = self.config.sample, self.model_config
     classes = sample.parse_classes(s.classes, c.num_classes)
     labels = sample.grid_labels(classes, s.per_class)
@@ -342,9 +384,10 @@ class Trainer:
           self.model, self.eval_params(state), labels, jax.random.key(s.seed),
           batch_size=s.batch_size, sampler=sampler,
           denoise_sigma=self.config.train.noise_min if s.denoise else 0.0,
-          out_sharding=sharding.replicated(self.mesh))
+          out_sharding=sharding.replicated(self.mesh), student=student)
     step = int(state.step)
-    npz, grid = sample.write_samples(workdir, step, images, labels, c.num_levels, rows=len(classes))
+    npz, grid = sample.write_samples(workdir, step, images, labels, c.num_levels,
+                                     rows=len(classes), suffix=suffix)
     if writer is not None and grid is not None:
       writer.write_images(step, {"samples": grid[None]})
     return npz
@@ -364,9 +407,11 @@ _DATA_IDENTITY = ("name", "image_size", "channels", "num_classes", "num_levels")
 _MODEL_NOT_IDENTITY = ("remat", "dtype")
 
 
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Records config.json on first use; later runs must keep the model and data the same, so that a
-  mismatch is a clear error rather than a shape failure deep inside a checkpoint restore."""
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
+                         record: bool = True) -> None:
+  """Records config.json on first use (unless not `record`); later runs must keep the model and
+  data the same, so that a mismatch is a clear error rather than a shape failure deep inside a
+  checkpoint restore."""
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
@@ -381,7 +426,7 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
           raise ValueError(
               f"config.{section}.{key} = {new!r} but {workdir} was trained with {old!r}; use "
               f"the same config or a new --workdir")
-  elif jax.process_index() == 0:
+  elif record and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(path, "w") as f:
       json.dump(current, f, indent=2, sort_keys=True)
@@ -500,7 +545,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def sample_latest(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """--mode=sample: a sample grid and npz from the latest checkpoint."""
+  """--mode=sample: a sample grid and npz from the latest checkpoint; decoded by the distilled
+  student when `sample.decoder` is "student", or "auto" and <workdir>/distill holds one."""
+  decoder = config.sample.get("decoder", "auto")
+  if decoder != "exact":
+    from farmer_jax import distill  # noqa: PLC0415 (distill imports this module)
+    if decoder == "student" or distill.has_student(workdir):
+      return distill.sample_with_student(config, workdir)
   trainer, state = _restore_latest(config, workdir)
   with jax.set_mesh(trainer.mesh):
     return trainer.sample(state, workdir)

@@ -1,0 +1,244 @@
+"""One-step distillation of the AF inverse (farmer_jax/distill.py, SPEC sec. 6): the student's
+initialisation, the loss of Algorithm 2, a run that lowers it, resume, sampling, errors, sharding."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import digits
+from farmer_jax import checkpoint, distill, input_pipeline, train
+from farmer_jax.models import farmer, flow
+
+
+def tiny_distill(**distill_fields):
+  c = digits.get_config("tiny,distill")
+  c.distill.update(distill_fields)
+  return c
+
+
+# The teacher's step: configs/digits.py:tiny stopped one step early, which skips the final
+# evaluation and sampling (their compilations are most of a tiny run's time).
+TEACHER_STEP = digits.get_config("tiny").train.num_steps - 1
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """A FARMER workdir trained with configs/digits.py:tiny (the teacher of every test here)."""
+  workdir = str(tmp_path_factory.mktemp("teacher"))
+  train.train_and_evaluate(digits.get_config("tiny"), workdir, stop_after_steps=TEACHER_STEP)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def distilled(teacher_dir):
+  """The tiny distillation run in the teacher's own workdir (student in <teacher>/distill)."""
+  state = distill.distill_and_evaluate(tiny_distill(), teacher_dir)
+  return teacher_dir, state
+
+
+def perturbed(params, std: float, seed: int):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([p + std * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_blockwise_mse_hand_checked():
+  # Teacher chain Z^0, Z^1, Z^2 (B = 1, N = 1, d = 2); the student chain is [Z~^1, Z~^0].
+  teacher = [jnp.array([[[0.0, 0.0]]]), jnp.array([[[1.0, 1.0]]]), jnp.array([[[2.0, 2.0]]])]
+  student = [jnp.array([[[1.0, 3.0]]]), jnp.array([[[1.0, -1.0]]])]
+  loss, per_block = distill.blockwise_mse(student, teacher)
+  # L_1 = mean((Z~^0 - Z^0)^2) = (1 + 1) / 2 = 1; L_2 = mean((Z~^1 - Z^1)^2) = (0 + 4) / 2 = 2.
+  np.testing.assert_allclose(per_block, [1.0, 2.0])
+  np.testing.assert_allclose(loss, 1.5)
+  with pytest.raises(ValueError, match="student chain"):
+    distill.blockwise_mse(student[:1], teacher)
+
+
+def test_noisy_start_scale_is_uniform_per_example():
+  z = jnp.ones((4096, 2, 3))
+  z_tilde, s = distill.noisy_start(z, jax.random.key(0), 0.3)
+  assert float(s.min()) >= 0.0 and float(s.max()) <= 0.3
+  np.testing.assert_allclose(float(s.mean()), 0.15, atol=0.01)   # U(0, 0.3): mean 0.15
+  # Each example's noise is s times a standard normal draw.
+  eps = np.asarray((z_tilde - z) / s[:, None, None])
+  np.testing.assert_allclose([eps.mean(), eps.std()], [0.0, 1.0], atol=0.02)
+
+
+def test_chain_loss_equals_blocks_applied_one_by_one():
+  """Algorithm 2's wiring by hand: teacher blocks f_1..f_n forward, the student g_n..g_1 each on
+  the previous student output, L_t against the teacher's input of block t, averaged over t."""
+  c = farmer.ModelConfig.from_config(digits.get_config("tiny"))
+  teacher, student = farmer.make_flow(c), farmer.make_flow(c, causal=False)
+  x = jax.random.normal(jax.random.key(1), (3, c.num_tokens, c.token_dim))
+  labels = jnp.zeros((3,), jnp.int32)
+  params = perturbed(teacher.init(jax.random.key(0), x, labels)["params"], 0.05, seed=2)
+  student_params = perturbed(params, 0.05, seed=3)
+  blocks = lambda causal: [flow.AffineBlock(c.token_dim, c.num_tokens, c.af_width, c.af_layers,
+                                            flow.block_flips(t), head_dim=c.head_dim,
+                                            causal=causal) for t in range(c.af_blocks)]
+  chain = [np.asarray(x)]
+  for t, block in enumerate(blocks(True)):
+    chain.append(np.asarray(jax.jit(block.apply)({"params": params[f"block_{t}"]}, chain[-1])[0]))
+  z_start = chain[-1] + 0.2 * np.asarray(jax.random.normal(jax.random.key(4), x.shape))
+  expected, z = [], z_start
+  for t, block in reversed(list(enumerate(blocks(False)))):
+    invert = jax.jit(lambda p, z, block=block: block.apply(
+        {"params": p}, z, method=flow.AffineBlock.student_inverse))
+    z = np.asarray(invert(student_params[f"block_{t}"], z))
+    expected.append(np.mean((z - chain[t]) ** 2))   # block t+1's student output vs Z^t
+  teacher_chain = jax.jit(lambda p, x: teacher.apply({"params": p}, x, labels,
+                                                     method=flow.Flow.forward_chain))(params, x)
+  for got, want in zip(teacher_chain, chain):
+    np.testing.assert_allclose(got, want, atol=1e-6)
+  loss, per_block = jax.jit(lambda p, z, ch: distill.chain_loss(p, z, ch, labels,
+                                                                student=student))(
+      student_params, z_start, teacher_chain)
+  np.testing.assert_allclose(per_block, expected[::-1], rtol=1e-5)
+  np.testing.assert_allclose(loss, np.mean(expected), rtol=1e-5)
+  assert float(loss) > 0
+
+
+def test_student_attention_is_bidirectional():
+  c = farmer.ModelConfig.from_config(digits.get_config("tiny"))
+  x = jax.random.normal(jax.random.key(1), (1, c.num_tokens, c.token_dim))
+  block = lambda causal: flow.AffineBlock(c.token_dim, c.num_tokens, c.af_width, c.af_layers,
+                                          False, head_dim=c.head_dim, causal=causal)
+  params = perturbed(block(True).init(jax.random.key(0), x)["params"], 0.05, seed=1)
+
+  def grad_first_token_wrt_last(causal):
+    out = lambda x: block(causal).apply({"params": params}, x,
+                                        method=flow.AffineBlock.student_inverse)[0, 0].sum()
+    return float(jnp.abs(jax.jit(jax.grad(out))(x)[0, -2]).sum())
+
+  assert grad_first_token_wrt_last(True) == 0.0     # the teacher's network: strictly causal
+  assert grad_first_token_wrt_last(False) > 1e-6    # the student reads the whole sequence
+
+
+def test_student_starts_as_the_teacher(teacher_dir):
+  dist = distill.Distiller(tiny_distill())
+  with jax.set_mesh(dist.mesh):
+    teacher_state, info = distill.restore_teacher(tiny_distill(), teacher_dir, dist.trainer)
+    teacher_flow = dist.trainer.eval_params(teacher_state)["flow"]
+    state = dist.init(teacher_flow)
+  assert info["step"] == TEACHER_STEP
+  assert int(state.step) == 0
+  for got in (state.params, state.ema_params):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, teacher_flow)
+  # The teacher trained: its AF heads are no longer the zero (identity) initialisation.
+  assert float(jnp.abs(teacher_flow["block_0"]["head"]["kernel"]).max()) > 0
+
+
+def test_distillation_lowers_loss_writes_outputs(distilled):
+  workdir, state = distilled
+  c = tiny_distill()
+  out = distill.subdir(workdir)
+  assert int(state.step) == c.distill.num_steps
+  with open(os.path.join(out, "teacher.json")) as f:
+    assert json.load(f) == {"workdir": os.path.abspath(workdir), "step": TEACHER_STEP}
+  log = [json.loads(line) for line in open(os.path.join(out, "train_log.jsonl"))]
+  assert [r["step"] for r in log] == list(range(5, c.distill.num_steps + 1, 5))
+  assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in log)
+  with open(os.path.join(out, "eval", "metrics.json")) as f:
+    m = json.load(f)
+  assert m["step"] == c.distill.num_steps and m["num_examples"] == 360
+  assert m["decode_samples"] == c.distill.eval_samples
+  assert 0 < m["decode_mae"] < 0.5 and m["mse_clean"] < m["mse_noisy"]
+  for name in ("exact", "student"):
+    assert os.path.exists(os.path.join(out, "eval", f"decode_{c.distill.num_steps}_{name}.png"))
+  s = np.load(os.path.join(out, "samples", f"samples_{c.distill.num_steps}.npz"))
+  assert s["images"].shape == (20, 8, 8, 1)
+
+  # The same test-split losses (fixed keys) from the student at initialisation and now.
+  dist = distill.Distiller(c)
+  with jax.set_mesh(dist.mesh):
+    teacher_state, _ = distill.restore_teacher(c, workdir, dist.trainer)
+    teacher_flow = dist.trainer.eval_params(teacher_state)["flow"]
+    before = dist.split_losses(dist.init(teacher_flow), teacher_flow)
+    after = dist.split_losses(state, teacher_flow)
+  np.testing.assert_allclose(after["mse_noisy"], m["mse_noisy"], rtol=1e-5)
+  assert after["mse_noisy"] < 0.95 * before["mse_noisy"], (before, after)
+  assert after["mse_clean"] < before["mse_clean"], (before, after)
+
+
+def test_distillation_resumes_exactly(teacher_dir, distilled, tmp_path):
+  """Stopped after 10 of 20 steps and rerun: the same student as the uninterrupted run."""
+  _, reference = distilled
+  c = tiny_distill(teacher_workdir=teacher_dir)
+  workdir = str(tmp_path)
+  distill.distill_and_evaluate(c, workdir, stop_after_steps=10)
+  assert checkpoint.Checkpointer(distill.subdir(workdir), read_only=True).latest_step() == 10
+  state = distill.distill_and_evaluate(c, workdir)
+  assert int(state.step) == 20
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               state.params, reference.params)
+  # A student records its teacher: another teacher step is refused.
+  with pytest.raises(ValueError, match="was distilled from"):
+    distill.distill_and_evaluate(tiny_distill(teacher_workdir=teacher_dir, teacher_step=10),
+                                 workdir)
+
+
+def test_sample_mode_decodes_with_the_student(distilled):
+  workdir, _ = distilled
+  c = digits.get_config("tiny")
+  student_npz = train.sample_latest(c, workdir)                # decoder "auto": student found
+  assert student_npz.endswith(f"samples_{TEACHER_STEP}_student.npz")
+  c.sample.decoder = "exact"
+  exact_npz = train.sample_latest(c, workdir)
+  assert exact_npz.endswith(f"samples_{TEACHER_STEP}.npz")
+  student, exact = np.load(student_npz)["images"], np.load(exact_npz)["images"]
+  # Same latents (same key) decoded two ways: close, and not the same function.
+  diff = np.abs(student.astype(int) - exact.astype(int))
+  assert diff.mean() < 1.0 and diff.max() > 0
+
+
+def test_clear_errors(teacher_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no teacher checkpoint"):
+    distill.distill_and_evaluate(tiny_distill(), str(tmp_path / "empty"))
+  c = tiny_distill(teacher_workdir=teacher_dir)
+  c.model.af_width = 64
+  with pytest.raises(ValueError, match="config.model.af_width"):
+    distill.distill_and_evaluate(c, str(tmp_path / "other"))
+  with pytest.raises(FileNotFoundError, match="available"):
+    distill.distill_and_evaluate(tiny_distill(teacher_workdir=teacher_dir, teacher_step=7),
+                                 str(tmp_path / "other2"))
+  c = digits.get_config("tiny")
+  c.sample.decoder = "student"
+  with pytest.raises(FileNotFoundError, match="no distilled student"):
+    train.sample_latest(c, teacher_dir if not distill.has_student(teacher_dir)
+                        else str(tmp_path / "none"))
+  with pytest.raises(ValueError, match="config.distill.noise_max"):
+    train.validate_config(tiny_distill(noise_max=-1.0))
+  with pytest.raises(ValueError, match="config.sample.decoder"):
+    c.sample.decoder = "fast"
+    train.validate_config(c)
+
+
+def test_sharded_distill_step_matches_one_device(teacher_dir):
+  """data 2 x fsdp 2 x tensor 2 against one device: the same losses and student parameters."""
+  runs = {}
+  for name, mesh, devices in (("one", dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                              ("sharded", dict(data=2, fsdp=2, tensor=2), jax.devices()[:8])):
+    c = tiny_distill()
+    c.sharding.mesh = mesh
+    dist = distill.Distiller(c, devices)
+    with jax.set_mesh(dist.mesh):
+      teacher_state, _ = distill.restore_teacher(c, teacher_dir, dist.trainer)
+      teacher_flow = dist.trainer.eval_params(teacher_state)["flow"]
+      state = dist.init(teacher_flow)
+      batches = input_pipeline.train_iterator(c.data, global_batch_size=dist.batch_size, seed=0)
+      losses = []
+      for _ in range(2):
+        state, scalars = dist.step(state, teacher_flow, dist.trainer.batch_to_global(next(batches)),
+                                   jax.random.key(5))
+        losses.append(float(scalars["loss"]))
+    if name == "sharded":
+      kernel = state.params["block_0"]["transformer"]["layer_0"]["mlp"]["up"]["kernel"]
+      assert kernel.sharding.shard_shape(kernel.shape) != kernel.shape   # really split
+    runs[name] = (losses, jax.device_get(state.params))
+  np.testing.assert_allclose(runs["sharded"][0], runs["one"][0], rtol=1e-5)
+  lr = tiny_distill().distill.learning_rate
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.1 * lr),
+               runs["sharded"][1], runs["one"][1])
