@@ -2,12 +2,17 @@ r"""Decoding speed of the distilled one-step student against the exact AF invers
 
     python benchmarks/distill.py [--tokens=64,256] [--batch=16] [--reps=7] [--budget_s=8] [--out=FILE]
 
-The tiny models of benchmarks/sampling.py (patch 2, d = 12, 4 AF blocks of 2 layers at width 64,
-prior of 2 layers) with random weights (Flax init plus N(0, 0.05^2) on every parameter; speed does
-not depend on the values). The student has the same architecture with bidirectional attention and
-its own perturbed copy of the AF weights. Every figure is measured in this one run on the same
-model and latents: `jax.jit` compiled once, a warm-up call excluded, then the median over a few
-`jax.block_until_ready` repetitions, divided by the batch.
+Models: patch 2 on 16x16 or 32x32 RGB images (64 or 256 tokens of d = 12), an AF of
+`--af_blocks` x `--af_layers` (default 2 x 1) at the paper's AF width 768 (head_dim 64), a tiny
+prior (2 layers, width 64), random weights (Flax init plus N(0, 0.05^2) on every parameter; speed
+does not depend on the values). Depth and block count scale both decoders alike; the width decides
+the regime: at 768 one layer's weights (28 MB) do not stay in a CPU's caches, so each of the exact
+inverse's token steps streams them from memory as on an accelerator, while the student reads them
+once per block. The student has the same architecture with bidirectional attention and its own
+perturbed copy of the AF weights. Every figure is measured in this one run on the same model and
+latents: `jax.jit` compiled once, a warm-up call excluded, then the median over a few
+`jax.block_until_ready` repetitions, divided by the batch. `--batch=1` (default) is the latency of
+one image; larger batches amortise the exact inverse's weight reads over more tokens per step.
 
   teacher_inverse_s_per_img  Flow.inverse: the exact KV-cached inverse, N sequential steps per block
   student_inverse_s_per_img  Flow.student_inverse: one parallel pass per block
@@ -27,6 +32,7 @@ Progress goes to stderr; the last line of stdout is one JSON object {"device", "
 with one entry per token count.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -36,19 +42,34 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import sampling  # noqa: E402  (benchmarks/sampling.py: the models and the timer)
+import sampling  # noqa: E402  (benchmarks/sampling.py: random weights and the timer)
 from farmer_jax import metrics  # noqa: E402
 from farmer_jax.models import farmer, flow  # noqa: E402
 
 
-def bench_config(tokens: int, batch: int, reps: int, budget_s: float) -> dict:
-  c = sampling.model_config(tokens)
+def model_config(tokens: int, args) -> farmer.ModelConfig:
+  side = math.isqrt(tokens)
+  if side * side != tokens:
+    raise ValueError(f"--tokens: {tokens} is not a square number (tokens = (image_size / 2)^2)")
+  c = farmer.ModelConfig(
+      image_size=side * 2, channels=3, num_classes=10, num_levels=256, patch_size=2,
+      af_blocks=args.af_blocks, af_layers=args.af_layers, af_width=args.width, prior_layers=2,
+      prior_width=64, d_informative=4, class_repeat=4, k_informative=8, k_redundant=8,
+      head_dim=64)
+  c.validate()
+  return c
+
+
+def bench_config(tokens: int, args) -> dict:
+  batch, reps, budget_s = args.batch, args.reps, args.budget_s
+  c = model_config(tokens, args)
   model = farmer.Farmer(c)
   params = sampling.random_params(model, c)
   student = farmer.make_flow(c, causal=False)
   student_params = sampling.random_params(model, c, seed=1)["flow"]
   sampling.log(f"[{tokens} tokens] image {c.image_size}x{c.image_size}x{c.channels}, "
-               f"d={c.token_dim}, {c.af_blocks} AF blocks, batch {batch}")
+               f"d={c.token_dim}, AF {c.af_blocks} x {c.af_layers} at width {c.af_width}, "
+               f"batch {batch}")
   labels = jnp.arange(batch, dtype=jnp.int32) % c.num_classes
   key = jax.random.key(1)
   timing = dict(reps=reps, budget_s=budget_s)
@@ -79,7 +100,7 @@ def bench_config(tokens: int, batch: int, reps: int, budget_s: float) -> dict:
                                          student_params, key, labels, **timing)
   per_img = lambda s: s / batch
   r = {"tokens": tokens, "image_size": c.image_size, "token_dim": c.token_dim,
-       "af_blocks": c.af_blocks,
+       "af_blocks": c.af_blocks, "af_layers": c.af_layers, "af_width": c.af_width,
        "teacher_inverse_s_per_img": per_img(teacher_s),
        "student_inverse_s_per_img": per_img(student_s),
        "inverse_speedup": teacher_s / student_s,
@@ -101,7 +122,10 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tokens", default="64,256",
                       help="comma-separated token counts, each a square (image_size = 2 sqrt(N))")
-  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--batch", type=int, default=1, help="images per call (1: latency)")
+  parser.add_argument("--width", type=int, default=768, help="AF width (paper: 768)")
+  parser.add_argument("--af_blocks", type=int, default=2)
+  parser.add_argument("--af_layers", type=int, default=1)
   parser.add_argument("--reps", type=int, default=7, help="most timed calls per figure")
   parser.add_argument("--budget_s", type=float, default=8.0,
                       help="stop timing a figure after this many seconds (at least 2 calls)")
@@ -111,12 +135,12 @@ def main(argv=None) -> dict:
     parser.error("--batch must be >= 1 and --reps >= 2")
   tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
   for t in tokens:
-    sampling.model_config(t)   # fail on a bad --tokens before any timing
+    model_config(t, args)   # fail on a bad --tokens or sizes before any timing
   start = time.perf_counter()
   dev = jax.devices()[0]
   device = f"{dev.platform}: {dev.device_kind}, {os.cpu_count()} host cores"
   sampling.log(f"{device}; jax {jax.__version__}; load average {os.getloadavg()[0]:.2f}")
-  configs = [bench_config(t, args.batch, args.reps, args.budget_s) for t in tokens]
+  configs = [bench_config(t, args) for t in tokens]
   result = {"device": device, "batch": args.batch, "configs": configs,
             "wall_s": round(time.perf_counter() - start, 1)}
   metrics.print_json_line(result, args.out)
