@@ -5,6 +5,7 @@ None here have no sensible default (model sizes, batch size, step count): a conf
 unset fails validation naming it. Values marked "ours" are choices the paper does not make.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 # Logical axis -> mesh axes (farmer_jax/sharding.py; the names are those of models/layers.py).
@@ -121,6 +122,28 @@ def base_config() -> ml_collections.ConfigDict:
       redundant_pool=64,         # ours: pool for the shared redundant GMM, resampled N times
       naive_max_tries=32,
       denoise=False,             # TARFlow-style score step with sigma = train.noise_min
+  )
+
+  # --mode=fid: FID, Inception Score, precision/recall (farmer_jax/evaluation/). The protocol of
+  # ADM's evaluator (Dhariwal & Nichol 2021), which the ImageNet-256 results are reported with.
+  c.fid = dict(
+      num_samples=50_000,        # ADM / paper: FID-50K; drawn with config.sample's settings
+      batch_size=200,            # ours: Inception batch (fixed: one compilation), split over the mesh
+      # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (TF's FID Inception graph), or the .npz
+      # `python -m farmer_jax.evaluation.weights` converts it to; "random": plumbing checks only.
+      inception_weights=placeholder(str),
+      # ADM's reference batch .npz (arr_0: uint8 NHWC images, and/or mu / sigma), or
+      # "tfds:<split>" of config.data (the embedded digits too).
+      reference=placeholder(str),
+      num_reference=0,           # ours: use the first N reference images (0: all)
+      samples=placeholder(str),  # ours: evaluate this samples .npz instead of sampling
+      save_samples=True,         # ours: write samples/fid_samples_<step>.npz (arr_0 for ADM)
+      resize=299,                # ADM / pytorch-fid: bilinear resize to 299 (>= 75 for tests only)
+      preprocess="adm",          # adm: TF graph's resize + (x-128)/128 | pytorch_fid: torch's
+      precision="highest",       # ours: float32 convolutions ("default": TF32/bf16 passes allowed)
+      is_splits=10,              # Salimans et al. 2016; ADM: 5000-sample splits (10 at 50K)
+      pr_k=3,                    # ADM (Kynkaanniemi et al. 2019): k-th nearest neighbour
+      pr_batch_size=10_000,      # ADM: 10000-row distance blocks
   )
   return c
 

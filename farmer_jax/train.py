@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from farmer_jax import checkpoint, input_pipeline, metrics, sample, sharding
+from farmer_jax.evaluation import fid_config
 from farmer_jax.models import farmer, layers, prior
 
 # ---------------------------------------------------------------------------------------------
@@ -41,6 +42,7 @@ _SECTIONS = {
     "sharding": {"mesh", "rules"},
     "sample": {"per_class", "batch_size", "seed", "classes", "denoise",
                *(f.name for f in dataclasses.fields(prior.SamplerConfig))},
+    "fid": fid_config.FIELDS,
 }
 _TOP_LEVEL = {"seed", "model", *_SECTIONS}
 
@@ -83,6 +85,7 @@ def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
   model_config = farmer.ModelConfig.from_config(config)
   sample.sampler_config(s)
   sample.parse_classes(s.classes, model_config.num_classes)
+  fid_config.validate(config.fid)
   return model_config
 
 
@@ -324,19 +327,24 @@ class Trainer:
     s, c = self.config.sample, self.model_config
     classes = sample.parse_classes(s.classes, c.num_classes)
     labels = sample.grid_labels(classes, s.per_class)
-    sampler = sample.sampler_config(s)
-    logging.info("sampling %d images: %s", len(labels), sampler)
-    with nn.logical_axis_rules(self.rules):   # sampling batches split over the mesh too
-      images = sample.generate(
-          self.model, self.eval_params(state), labels, jax.random.key(s.seed),
-          batch_size=s.batch_size, sampler=sampler,
-          denoise_sigma=self.config.train.noise_min if s.denoise else 0.0,
-          out_sharding=sharding.replicated(self.mesh))
+    images = self.generate(state, labels)
     step = int(state.step)
     npz, grid = sample.write_samples(workdir, step, images, labels, c.num_levels, rows=len(classes))
     if writer is not None and grid is not None:
       writer.write_images(step, {"samples": grid[None]})
     return npz
+
+  def generate(self, state: TrainState, labels: np.ndarray) -> np.ndarray:
+    """One image per label with the config's sampler -> uint8 [N, H, W, C] on every process."""
+    s = self.config.sample
+    sampler = sample.sampler_config(s)
+    logging.info("sampling %d images: %s", len(labels), sampler)
+    with nn.logical_axis_rules(self.rules):   # sampling batches split over the mesh too
+      return sample.generate(
+          self.model, self.eval_params(state), labels, jax.random.key(s.seed),
+          batch_size=s.batch_size, sampler=sampler,
+          denoise_sigma=self.config.train.noise_min if s.denoise else 0.0,
+          out_sharding=sharding.replicated(self.mesh))
 
 
 # ---------------------------------------------------------------------------------------------
