@@ -128,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   # ADM's evaluator (Dhariwal & Nichol 2021), which the ImageNet-256 results are reported with.
   c.fid = dict(
       num_samples=50_000,        # ADM / paper: FID-50K; drawn with config.sample's settings
-      batch_size=200,            # ours: Inception batch (fixed: one compilation), split over the mesh
+      batch_size=200,            # ours: Inception batch (fixed: one compilation), over the mesh
       # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (TF's FID Inception graph), or the .npz
       # `python -m farmer_jax.evaluation.weights` converts it to; "random": plumbing checks only.
       inception_weights=placeholder(str),

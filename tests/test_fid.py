@@ -58,7 +58,9 @@ def numpy_precision_recall(s, r, k):
   dist = lambda a, b: ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
   radii_s, radii_r = np.sort(dist(s, s), 1)[:, k], np.sort(dist(r, r), 1)[:, k]
   d_sr = dist(s, r)
-  return radii_s, (d_sr <= radii_r[None, :]).any(1).mean(), (d_sr.T <= radii_s[None, :]).any(1).mean()
+  precision = (d_sr <= radii_r[None, :]).any(1).mean()
+  recall = (d_sr.T <= radii_s[None, :]).any(1).mean()
+  return radii_s, precision, recall
 
 
 @pytest.mark.parametrize("block", [16, 10_000])   # several padded blocks / one block

@@ -1,4 +1,4 @@
-"""Parity of our Flax FID Inception with pytorch-fid's InceptionV3 (FID blocks), same random weights.
+"""Our Flax FID Inception equals pytorch-fid's InceptionV3 (FID blocks) with the same weights.
 
 Needs torch, torchvision and pytorch-fid (several GB), so it is kept out of CI: deselected by
 default (pytest.ini) and skipped where they are absent. Run it in a venv that has them:

@@ -21,6 +21,7 @@ Two input conventions (`preprocess`):
 """
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -36,7 +37,7 @@ MIN_RESIZE = 75      # the smallest input whose feature maps stay non-empty thro
 
 @functools.lru_cache(maxsize=16)
 def resize_matrix(in_size: int, out_size: int, half_pixel: bool) -> np.ndarray:
-  """Bilinear interpolation as a matrix: out = M @ in along one axis. -> float32 [out_size, in_size].
+  """Bilinear interpolation as a matrix: out = M @ in along one axis -> float32 [out, in].
 
   half_pixel=True: torch's align_corners=False, source = (dest + 0.5) * in/out - 0.5, clamped at 0.
   half_pixel=False: TF1's ResizeBilinear (align_corners=False), source = dest * in/out.
@@ -103,6 +104,31 @@ def _max_pool_3x3(x: jax.Array, stride: int, pad: int) -> jax.Array:
   return nn.max_pool(x, (3, 3), strides=(stride, stride), padding=((pad, pad), (pad, pad)))
 
 
+class Layer(NamedTuple):
+  """One ConvBN layer of a branch."""
+  name: str
+  features: int
+  kernel: int | tuple[int, int]
+  stride: int = 1
+  padding: int | tuple[int, int] = 0
+
+
+def _row7(name: str, features: int) -> Layer:
+  return Layer(name, features, (1, 7), padding=(0, 3))
+
+
+def _col7(name: str, features: int) -> Layer:
+  return Layer(name, features, (7, 1), padding=(3, 0))
+
+
+def _chain(x: jax.Array, precision: str, *layers: Layer) -> jax.Array:
+  """Applies ConvBN layers in order; called inside a compact method, they become its children."""
+  for layer in layers:
+    x = ConvBN(layer.features, layer.kernel, layer.stride, layer.padding, precision,
+               name=layer.name)(x)
+  return x
+
+
 class BlockA(nn.Module):
   """Mixed_5b-5d: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avg pool-1x1 -> 224 + pool_features channels."""
   pool_features: int
@@ -110,13 +136,14 @@ class BlockA(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(ConvBN, precision=self.precision)
-    b1 = conv(64, 1, name="branch1x1")(x)
-    b5 = conv(64, 5, padding=2, name="branch5x5_2")(conv(48, 1, name="branch5x5_1")(x))
-    b3 = conv(64, 1, name="branch3x3dbl_1")(x)
-    b3 = conv(96, 3, padding=1, name="branch3x3dbl_3")(conv(96, 3, padding=1, name="branch3x3dbl_2")(b3))
-    bp = conv(self.pool_features, 1, name="branch_pool")(_avg_pool_3x3_same(x))
-    return jnp.concatenate([b1, b5, b3, bp], axis=-1)
+    p = self.precision
+    return jnp.concatenate([
+        _chain(x, p, Layer("branch1x1", 64, 1)),
+        _chain(x, p, Layer("branch5x5_1", 48, 1), Layer("branch5x5_2", 64, 5, padding=2)),
+        _chain(x, p, Layer("branch3x3dbl_1", 64, 1), Layer("branch3x3dbl_2", 96, 3, padding=1),
+               Layer("branch3x3dbl_3", 96, 3, padding=1)),
+        _chain(_avg_pool_3x3_same(x), p, Layer("branch_pool", self.pool_features, 1)),
+    ], axis=-1)
 
 
 class BlockB(nn.Module):
@@ -125,11 +152,13 @@ class BlockB(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(ConvBN, precision=self.precision)
-    b3 = conv(384, 3, stride=2, name="branch3x3")(x)
-    bd = conv(96, 3, padding=1, name="branch3x3dbl_2")(conv(64, 1, name="branch3x3dbl_1")(x))
-    bd = conv(96, 3, stride=2, name="branch3x3dbl_3")(bd)
-    return jnp.concatenate([b3, bd, _max_pool_3x3(x, 2, 0)], axis=-1)
+    p = self.precision
+    return jnp.concatenate([
+        _chain(x, p, Layer("branch3x3", 384, 3, 2)),
+        _chain(x, p, Layer("branch3x3dbl_1", 64, 1), Layer("branch3x3dbl_2", 96, 3, padding=1),
+               Layer("branch3x3dbl_3", 96, 3, 2)),
+        _max_pool_3x3(x, 2, 0),
+    ], axis=-1)
 
 
 class BlockC(nn.Module):
@@ -139,17 +168,16 @@ class BlockC(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(ConvBN, precision=self.precision)
-    row = lambda f, name: conv(f, (1, 7), padding=(0, 3), name=name)
-    col = lambda f, name: conv(f, (7, 1), padding=(3, 0), name=name)
-    b1 = conv(192, 1, name="branch1x1")(x)
-    b7 = conv(self.c7, 1, name="branch7x7_1")(x)
-    b7 = col(192, "branch7x7_3")(row(self.c7, "branch7x7_2")(b7))
-    bd = conv(self.c7, 1, name="branch7x7dbl_1")(x)
-    bd = row(self.c7, "branch7x7dbl_3")(col(self.c7, "branch7x7dbl_2")(bd))
-    bd = row(192, "branch7x7dbl_5")(col(self.c7, "branch7x7dbl_4")(bd))
-    bp = conv(192, 1, name="branch_pool")(_avg_pool_3x3_same(x))
-    return jnp.concatenate([b1, b7, bd, bp], axis=-1)
+    p, c7 = self.precision, self.c7
+    return jnp.concatenate([
+        _chain(x, p, Layer("branch1x1", 192, 1)),
+        _chain(x, p, Layer("branch7x7_1", c7, 1), _row7("branch7x7_2", c7),
+               _col7("branch7x7_3", 192)),
+        _chain(x, p, Layer("branch7x7dbl_1", c7, 1), _col7("branch7x7dbl_2", c7),
+               _row7("branch7x7dbl_3", c7), _col7("branch7x7dbl_4", c7),
+               _row7("branch7x7dbl_5", 192)),
+        _chain(_avg_pool_3x3_same(x), p, Layer("branch_pool", 192, 1)),
+    ], axis=-1)
 
 
 class BlockD(nn.Module):
@@ -158,13 +186,13 @@ class BlockD(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(ConvBN, precision=self.precision)
-    b3 = conv(320, 3, stride=2, name="branch3x3_2")(conv(192, 1, name="branch3x3_1")(x))
-    b7 = conv(192, 1, name="branch7x7x3_1")(x)
-    b7 = conv(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
-    b7 = conv(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
-    b7 = conv(192, 3, stride=2, name="branch7x7x3_4")(b7)
-    return jnp.concatenate([b3, b7, _max_pool_3x3(x, 2, 0)], axis=-1)
+    p = self.precision
+    return jnp.concatenate([
+        _chain(x, p, Layer("branch3x3_1", 192, 1), Layer("branch3x3_2", 320, 3, 2)),
+        _chain(x, p, Layer("branch7x7x3_1", 192, 1), _row7("branch7x7x3_2", 192),
+               _col7("branch7x7x3_3", 192), Layer("branch7x7x3_4", 192, 3, 2)),
+        _max_pool_3x3(x, 2, 0),
+    ], axis=-1)
 
 
 class BlockE(nn.Module):
@@ -177,17 +205,21 @@ class BlockE(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(ConvBN, precision=self.precision)
-    split = lambda y, prefix: jnp.concatenate(
-        [conv(384, (1, 3), padding=(0, 1), name=f"{prefix}a")(y),
-         conv(384, (3, 1), padding=(1, 0), name=f"{prefix}b")(y)], axis=-1)
-    b1 = conv(320, 1, name="branch1x1")(x)
-    b3 = split(conv(384, 1, name="branch3x3_1")(x), "branch3x3_2")
-    bd = conv(384, 3, padding=1, name="branch3x3dbl_2")(conv(448, 1, name="branch3x3dbl_1")(x))
-    bd = split(bd, "branch3x3dbl_3")
+    p = self.precision
+
+    def fork(y, prefix):   # 1x3 and 3x1 side by side
+      return jnp.concatenate([_chain(y, p, Layer(f"{prefix}a", 384, (1, 3), padding=(0, 1))),
+                              _chain(y, p, Layer(f"{prefix}b", 384, (3, 1), padding=(1, 0)))],
+                             axis=-1)
+
     pooled = _max_pool_3x3(x, 1, 1) if self.max_pool else _avg_pool_3x3_same(x)
-    bp = conv(192, 1, name="branch_pool")(pooled)
-    return jnp.concatenate([b1, b3, bd, bp], axis=-1)
+    return jnp.concatenate([
+        _chain(x, p, Layer("branch1x1", 320, 1)),
+        fork(_chain(x, p, Layer("branch3x3_1", 384, 1)), "branch3x3_2"),
+        fork(_chain(x, p, Layer("branch3x3dbl_1", 448, 1),
+                    Layer("branch3x3dbl_2", 384, 3, padding=1)), "branch3x3dbl_3"),
+        _chain(pooled, p, Layer("branch_pool", 192, 1)),
+    ], axis=-1)
 
 
 class Logits(nn.Module):
@@ -197,7 +229,8 @@ class Logits(nn.Module):
 
   @nn.compact
   def __call__(self, pool3_BxD: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (pool3_BxD.shape[-1], NUM_LOGITS))
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (pool3_BxD.shape[-1], NUM_LOGITS))
     bias = self.param("bias", nn.initializers.zeros, (NUM_LOGITS,))
     logits = jnp.dot(pool3_BxD, kernel, precision=PRECISION[self.precision])
     return logits + bias if self.bias else logits
@@ -217,15 +250,13 @@ class FIDInceptionV3(nn.Module):
   @nn.compact
   def __call__(self, images_BxHxWxC: jax.Array) -> dict[str, jax.Array]:
     if self.resize < MIN_RESIZE:
-      raise ValueError(f"resize={self.resize}: InceptionV3 needs inputs of at least {MIN_RESIZE} px")
-    conv = functools.partial(ConvBN, precision=self.precision)
-    x = preprocess(images_BxHxWxC, self.resize, self.preprocess, PRECISION[self.precision])
-    x = conv(32, 3, stride=2, name="Conv2d_1a_3x3")(x)
-    x = conv(32, 3, name="Conv2d_2a_3x3")(x)
-    x = conv(64, 3, padding=1, name="Conv2d_2b_3x3")(x)
+      raise ValueError(f"resize={self.resize}: InceptionV3 needs at least {MIN_RESIZE} px")
+    p = self.precision
+    x = preprocess(images_BxHxWxC, self.resize, self.preprocess, PRECISION[p])
+    x = _chain(x, p, Layer("Conv2d_1a_3x3", 32, 3, 2), Layer("Conv2d_2a_3x3", 32, 3),
+               Layer("Conv2d_2b_3x3", 64, 3, padding=1))
     x = _max_pool_3x3(x, 2, 0)
-    x = conv(80, 1, name="Conv2d_3b_1x1")(x)
-    x = conv(192, 3, name="Conv2d_4a_3x3")(x)
+    x = _chain(x, p, Layer("Conv2d_3b_1x1", 80, 1), Layer("Conv2d_4a_3x3", 192, 3))
     x = _max_pool_3x3(x, 2, 0)
     for name, pool_features in (("Mixed_5b", 32), ("Mixed_5c", 64), ("Mixed_5d", 64)):
       x = BlockA(pool_features, self.precision, name=name)(x)

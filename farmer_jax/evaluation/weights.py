@@ -1,4 +1,4 @@
-"""Inception weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` -> Flax variables, no torch.
+"""Inception weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` -> Flax, without torch.
 
 A `.pth` file is either a zip archive (torch >= 1.6: `<name>/data.pkl` plus one raw file per
 storage under `<name>/data/`) or the older stream of pickles (magic number, protocol, system info,
