@@ -3,8 +3,11 @@
 Experiment files in configs/ start from `base_config()` and override what differs. Fields set to
 None here have no sensible default (model sizes, batch size, step count): a config that leaves one
 unset fails validation naming it. Values marked "ours" are choices the paper does not make.
+`placeholder(type)` fields are None by default and can still be set on the command line
+(`--config.data.data_dir=DATA`; a plain None field cannot be overridden by ml_collections).
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 # Logical axis -> mesh axes (farmer_jax/sharding.py; the names are those of models/layers.py).
@@ -37,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_levels=256,            # uint8 images (SPEC sec. 1)
       num_classes=0,             # 0: unconditional (the null class only)
       hflip=False,               # ours: on by default for ImageNet configs (SPEC sec. 1)
-      data_dir=None,             # tfds data_dir (None: ~/tensorflow_datasets)
+      data_dir=placeholder(str),  # tfds data_dir (None: ~/tensorflow_datasets)
       train_split="train",
       eval_split="test",
       shuffle_buffer=10_000,
@@ -94,12 +97,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.distill = dict(
       # The frozen teacher: the latest checkpoint of --workdir unless set. The student, its
       # checkpoints, logs and evaluations live in <workdir>/distill/.
-      teacher_workdir=None,
-      teacher_step=None,         # None: the latest (on resume: the step the student started from)
-      batch_size=None,           # None: train.batch_size
-      num_steps=None,            # paper: 60 extra epochs
+      teacher_workdir=placeholder(str),
+      teacher_step=placeholder(int),  # None: the latest (on resume: the step the student started from)
+      batch_size=placeholder(int),  # None: train.batch_size
+      num_steps=placeholder(int),  # paper: 60 extra epochs
       noise_max=0.3,             # paper: noisy start Z^n + s * eps, s ~ U(0, noise_max)
-      data_noise=None,           # ours: std of the Gaussian noise on the teacher's input images;
+      data_noise=placeholder(float),  # ours: std of the Gaussian noise on the teacher's input images;
                                  # None: train.noise_min (the noise the teacher ended training on)
       # Optimiser of the student (ours: the paper gives none for this phase).
       learning_rate=1e-4,
@@ -152,6 +155,28 @@ def base_config() -> ml_collections.ConfigDict:
       denoise=False,             # TARFlow-style score step with sigma = train.noise_min
       decoder="auto",            # exact (KV-cached AF inverse) | student (distilled, one pass per
                                  # block) | auto: the student when <workdir>/distill has one
+  )
+
+  # --mode=fid: FID, Inception Score, precision/recall (farmer_jax/evaluation/). The protocol of
+  # ADM's evaluator (Dhariwal & Nichol 2021), which the ImageNet-256 results are reported with.
+  c.fid = dict(
+      num_samples=50_000,        # ADM / paper: FID-50K; drawn with config.sample's settings
+      batch_size=200,            # ours: Inception batch (fixed: one compilation), over the mesh
+      # pytorch-fid's pt_inception-2015-12-05-6726825d.pth (TF's FID Inception graph), or the .npz
+      # `python -m farmer_jax.evaluation.weights` converts it to; "random": plumbing checks only.
+      inception_weights=placeholder(str),
+      # ADM's reference batch .npz (arr_0: uint8 NHWC images, and/or mu / sigma), or
+      # "tfds:<split>" of config.data (the embedded digits too).
+      reference=placeholder(str),
+      num_reference=0,           # ours: use the first N reference images (0: all)
+      samples=placeholder(str),  # ours: evaluate this samples .npz instead of sampling
+      save_samples=True,         # ours: write samples/fid_samples_<step>.npz (arr_0 for ADM)
+      resize=299,                # ADM / pytorch-fid: bilinear resize to 299 (>= 75 for tests only)
+      preprocess="adm",          # adm: TF graph's resize + (x-128)/128 | pytorch_fid: torch's
+      precision="highest",       # ours: float32 convolutions ("default": TF32/bf16 passes allowed)
+      is_splits=10,              # Salimans et al. 2016; ADM: 5000-sample splits (10 at 50K)
+      pr_k=3,                    # ADM (Kynkaanniemi et al. 2019): k-th nearest neighbour
+      pr_batch_size=10_000,      # ADM: 10000-row distance blocks
   )
   return c
 

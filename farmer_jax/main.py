@@ -11,6 +11,8 @@ Modes:
             distilled student (..._student.npz) when <workdir>/distill has one (sample.decoder)
   plan      parameter counts, FLOPs and compiled per-device memory of the train step, as JSON
             (--plan_devices=N fake CPU devices, or --plan_topology=v5p:4x8x8 for TPU AOT)
+  fid       FID / IS / precision-recall of config.fid.num_samples samples against
+            config.fid.reference -> <workdir>/eval/fid_<step>.json (farmer_jax/evaluation/)
 Any config field can be overridden, e.g. --config.train.num_steps=100.
 
 Several processes (TPU pod hosts, SLURM tasks, Open MPI ranks) are detected from the environment
@@ -30,7 +32,8 @@ from farmer_jax import distill, metrics, train
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "plan"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "plan", "fid"],
+                          "What to do.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, where the cluster is not auto-detected.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
@@ -97,6 +100,9 @@ def main(argv):
     (distill.distill_and_evaluate if distilling else train.train_and_evaluate)(config, workdir)
   elif _MODE.value == "evaluate":
     (distill.evaluate_latest if distilling else train.evaluate)(config, workdir)
+  elif _MODE.value == "fid":
+    from farmer_jax.evaluation import fid_mode  # noqa: PLC0415 (fid mode only)
+    metrics.print_json_line(fid_mode.evaluate_fid(config, workdir))
   else:
     train.sample_latest(config, workdir)
 

@@ -110,6 +110,11 @@ def generate(model: farmer.Farmer, params, labels: np.ndarray, key: jax.Array, *
   return np.concatenate(out)
 
 
+def levels_to_uint8(images: np.ndarray, num_levels: int) -> np.ndarray:
+  """Native levels 0..L-1 -> uint8 0..255, same shape."""
+  return (np.asarray(images, np.float32) * (255.0 / (num_levels - 1))).round().astype(np.uint8)
+
+
 def save_grid_png(path: str, images: np.ndarray, num_levels: int, rows: int,
                   min_cell: int = 32) -> np.ndarray:
   """Saves uint8 level images [N, H, W, C] as a rows x (N/rows) grid, upscaled so cells are visible.
@@ -118,7 +123,7 @@ def save_grid_png(path: str, images: np.ndarray, num_levels: int, rows: int,
   """
   n, h, w, c = images.shape
   cols = -(-n // rows)
-  pixels = (images.astype(np.float32) * (255.0 / (num_levels - 1))).round().astype(np.uint8)
+  pixels = levels_to_uint8(images, num_levels)
   pixels = np.pad(pixels, ((0, rows * cols - n), (0, 0), (0, 0), (0, 0)))
   up = max(1, min_cell // max(h, w))
   pixels = pixels.repeat(up, axis=1).repeat(up, axis=2)
@@ -130,9 +135,23 @@ def save_grid_png(path: str, images: np.ndarray, num_levels: int, rows: int,
   return grid
 
 
+def to_rgb_uint8(images: np.ndarray, num_levels: int) -> np.ndarray:
+  """Native levels 0..L-1 [N, H, W, C] -> uint8 [N, H, W, 3] in 0..255 (grey repeated to RGB)."""
+  pixels = levels_to_uint8(images, num_levels)
+  return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
+
+
+def save_npz(path: str, images: np.ndarray, labels: np.ndarray, num_levels: int) -> None:
+  """images (native levels), labels, num_levels, and `arr_0` (uint8 RGB 0..255 NHWC), the key
+  ADM's evaluator reads, so that it takes the file unchanged."""
+  np.savez(path, images=images, labels=labels, num_levels=np.int32(num_levels),
+           arr_0=to_rgb_uint8(images, num_levels))
+
+
 def write_samples(workdir: str, step: int, images: np.ndarray, labels: np.ndarray,
                   num_levels: int, rows: int, suffix: str = "") -> tuple[str, np.ndarray]:
-  """Writes `samples/samples_<step><suffix>.npz` (images, labels, num_levels) and the PNG grid.
+  """Writes `samples/samples_<step><suffix>.npz` (images, labels, num_levels, arr_0) and the PNG
+  grid.
 
   Returns the npz path and the grid (uint8 [H', W', C]).
   """
@@ -142,7 +161,7 @@ def write_samples(workdir: str, step: int, images: np.ndarray, labels: np.ndarra
   png = os.path.join(out_dir, f"samples_{step}{suffix}.png")
   grid = None
   if jax.process_index() == 0:
-    np.savez(npz, images=images, labels=labels, num_levels=np.int32(num_levels))
+    save_npz(npz, images, labels, num_levels)
     grid = save_grid_png(png, images, num_levels, rows)
     logging.info("wrote %s and %s", npz, png)
   return npz, grid

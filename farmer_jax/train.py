@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from farmer_jax import checkpoint, config_base, input_pipeline, metrics, sample, sharding
+from farmer_jax.evaluation import fid_config
 from farmer_jax.models import farmer, layers, prior
 
 # ---------------------------------------------------------------------------------------------
@@ -45,6 +46,7 @@ _SECTIONS = {
                 "data_noise", "learning_rate", "min_learning_rate", "warmup_steps", "b1", "b2",
                 "weight_decay", "grad_clip", "ema_decay", "skip_nonfinite", "log_every",
                 "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples"},
+    "fid": fid_config.FIELDS,
 }
 _TOP_LEVEL = {"seed", "phase", "model", *_SECTIONS}
 DECODERS = ("auto", "exact", "student")
@@ -123,6 +125,7 @@ def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
   model_config = farmer.ModelConfig.from_config(config)
   sample.sampler_config(s)
   sample.parse_classes(s.classes, model_config.num_classes)
+  fid_config.validate(config.fid)
   return model_config
 
 
@@ -377,20 +380,26 @@ class Trainer:
     s, c = self.config.sample, self.model_config
     classes = sample.parse_classes(s.classes, c.num_classes)
     labels = sample.grid_labels(classes, s.per_class)
-    sampler = sample.sampler_config(s)
-    logging.info("sampling %d images: %s", len(labels), sampler)
-    with nn.logical_axis_rules(self.rules):   # sampling batches split over the mesh too
-      images = sample.generate(
-          self.model, self.eval_params(state), labels, jax.random.key(s.seed),
-          batch_size=s.batch_size, sampler=sampler,
-          denoise_sigma=self.config.train.noise_min if s.denoise else 0.0,
-          out_sharding=sharding.replicated(self.mesh), student=student)
+    images = self.generate(state, labels, student=student)
     step = int(state.step)
     npz, grid = sample.write_samples(workdir, step, images, labels, c.num_levels,
                                      rows=len(classes), suffix=suffix)
     if writer is not None and grid is not None:
       writer.write_images(step, {"samples": grid[None]})
     return npz
+
+  def generate(self, state: TrainState, labels: np.ndarray, student=None) -> np.ndarray:
+    """One image per label with the config's sampler -> uint8 [N, H, W, C] on every process.
+    `student`: (Flow, params) of a distilled student that decodes instead of the exact inverse."""
+    s = self.config.sample
+    sampler = sample.sampler_config(s)
+    logging.info("sampling %d images: %s", len(labels), sampler)
+    with nn.logical_axis_rules(self.rules):   # sampling batches split over the mesh too
+      return sample.generate(
+          self.model, self.eval_params(state), labels, jax.random.key(s.seed),
+          batch_size=s.batch_size, sampler=sampler,
+          denoise_sigma=self.config.train.noise_min if s.denoise else 0.0,
+          out_sharding=sharding.replicated(self.mesh), student=student)
 
 
 # ---------------------------------------------------------------------------------------------
