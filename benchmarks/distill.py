@@ -31,11 +31,9 @@ launch- or weight-bandwidth-bound (accelerators, the paper's 22x), small on a co
 Progress goes to stderr; the last line of stdout is one JSON object {"device", "batch", "configs"}
 with one entry per token count.
 """
-import argparse
 import math
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +41,6 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import sampling  # noqa: E402  (benchmarks/sampling.py: random weights and the timer)
-from farmer_jax import metrics  # noqa: E402
 from farmer_jax.models import farmer, flow  # noqa: E402
 
 
@@ -119,32 +116,12 @@ def bench_config(tokens: int, args) -> dict:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--tokens", default="64,256",
-                      help="comma-separated token counts, each a square (image_size = 2 sqrt(N))")
-  parser.add_argument("--batch", type=int, default=1, help="images per call (1: latency)")
+  parser = sampling.parser_with_common_args(__doc__.splitlines()[0], 1,
+                                            "images per call (1: latency)")
   parser.add_argument("--width", type=int, default=768, help="AF width (paper: 768)")
   parser.add_argument("--af_blocks", type=int, default=2)
   parser.add_argument("--af_layers", type=int, default=1)
-  parser.add_argument("--reps", type=int, default=7, help="most timed calls per figure")
-  parser.add_argument("--budget_s", type=float, default=8.0,
-                      help="stop timing a figure after this many seconds (at least 2 calls)")
-  parser.add_argument("--out", help="also write the JSON result to this file")
-  args = parser.parse_args(argv)
-  if args.batch < 1 or args.reps < 2:
-    parser.error("--batch must be >= 1 and --reps >= 2")
-  tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
-  for t in tokens:
-    model_config(t, args)   # fail on a bad --tokens or sizes before any timing
-  start = time.perf_counter()
-  dev = jax.devices()[0]
-  device = f"{dev.platform}: {dev.device_kind}, {os.cpu_count()} host cores"
-  sampling.log(f"{device}; jax {jax.__version__}; load average {os.getloadavg()[0]:.2f}")
-  configs = [bench_config(t, args) for t in tokens]
-  result = {"device": device, "batch": args.batch, "configs": configs,
-            "wall_s": round(time.perf_counter() - start, 1)}
-  metrics.print_json_line(result, args.out)
-  return result
+  return sampling.run_benchmark(parser, argv, model_config, bench_config)
 
 
 if __name__ == "__main__":

@@ -168,31 +168,44 @@ def bench_config(tokens: int, batch: int, reps: int, budget_s: float) -> dict:
   return r
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser_with_common_args(description: str, batch_default: int,
+                            batch_help: str) -> argparse.ArgumentParser:
+  """--tokens, --batch, --reps, --budget_s, --out: the flags every speed benchmark here takes."""
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--tokens", default="64,256",
                       help="comma-separated token counts, each a square (image_size = 2 sqrt(N))")
-  parser.add_argument("--batch", type=int, default=16, help="images per sampling call")
+  parser.add_argument("--batch", type=int, default=batch_default, help=batch_help)
   parser.add_argument("--reps", type=int, default=7, help="most timed calls per figure")
   parser.add_argument("--budget_s", type=float, default=8.0,
                       help="stop timing a figure after this many seconds (at least 2 calls)")
   parser.add_argument("--out", help="also write the JSON result to this file")
+  return parser
+
+
+def run_benchmark(parser: argparse.ArgumentParser, argv, check_tokens, bench) -> dict:
+  """Parses the flags, checks every token count (`check_tokens(t, args)` raises on a bad one)
+  before any timing, runs `bench(t, args)` per count and prints the JSON result line."""
   args = parser.parse_args(argv)
   if args.batch < 1 or args.reps < 2:
     parser.error("--batch must be >= 1 and --reps >= 2")
   tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
   for t in tokens:
-    model_config(t)   # fail on a bad --tokens before any timing
-
+    check_tokens(t, args)
   start = time.perf_counter()
   dev = jax.devices()[0]
   device = f"{dev.platform}: {dev.device_kind}, {os.cpu_count()} host cores"
   log(f"{device}; jax {jax.__version__}; load average {os.getloadavg()[0]:.2f}")
-  configs = [bench_config(t, args.batch, args.reps, args.budget_s) for t in tokens]
+  configs = [bench(t, args) for t in tokens]
   result = {"device": device, "batch": args.batch, "configs": configs,
             "wall_s": round(time.perf_counter() - start, 1)}
   metrics.print_json_line(result, args.out)
   return result
+
+
+def main(argv=None) -> dict:
+  parser = parser_with_common_args(__doc__.splitlines()[0], 16, "images per sampling call")
+  return run_benchmark(parser, argv, lambda t, args: model_config(t),
+                       lambda t, args: bench_config(t, args.batch, args.reps, args.budget_s))
 
 
 if __name__ == "__main__":
