@@ -47,6 +47,11 @@ _SECTIONS = {
                 "weight_decay", "grad_clip", "ema_decay", "skip_nonfinite", "log_every",
                 "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples"},
     "fid": fid_config.FIELDS,
+    "afm": {"batch_size", "num_steps", "patch_size", "width", "depth", "head_dim", "mlp_ratio",
+            "learning_rate", "min_learning_rate", "warmup_steps", "b1", "b2", "weight_decay",
+            "grad_clip", "ema_decay", "lambda_ot_max", "lambda_ot_min", "r_fraction", "r_eps",
+            "r_weight", "center_weight", "grad_norm", "skip_nonfinite", "log_every",
+            "checkpoint_every", "keep_checkpoints", "eval_every"},
 }
 _TOP_LEVEL = {"seed", "phase", "model", *_SECTIONS}
 DECODERS = ("auto", "exact", "student")
@@ -86,6 +91,29 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
        "must be > 0 to distil: there is no AF inverse to distil")
 
 
+def validate_afm(config: ml_collections.ConfigDict) -> None:
+  """The `afm` section, for phase=afm (SPEC sec. 7)."""
+  need, a = _checker(config), config.afm
+  for f in ("batch_size", "num_steps", "patch_size", "width", "depth", "head_dim", "mlp_ratio",
+            "log_every", "checkpoint_every", "keep_checkpoints", "eval_every"):
+    need(isinstance(a[f], int) and a[f] > 0, f"afm.{f}", "must be a positive integer")
+  need(a.width % a.head_dim == 0, "afm.width", f"must be a multiple of afm.head_dim = {a.head_dim}")
+  need(config.data.image_size % a.patch_size == 0, "afm.patch_size",
+       f"must divide data.image_size = {config.data.image_size}")
+  need(a.learning_rate > 0, "afm.learning_rate", "must be > 0 (paper: 1e-4)")
+  need(0 <= a.min_learning_rate <= a.learning_rate, "afm.min_learning_rate",
+       "must be in [0, afm.learning_rate]")
+  need(a.warmup_steps >= 0, "afm.warmup_steps", "must be >= 0")
+  need(0 <= a.ema_decay < 1, "afm.ema_decay", "must be in [0, 1) (0 disables EMA)")
+  need(a.grad_clip >= 0, "afm.grad_clip", "must be >= 0 (0 disables clipping)")
+  need(0 <= a.lambda_ot_min <= a.lambda_ot_max, "afm.lambda_ot_min",
+       "must be in [0, afm.lambda_ot_max] (paper: 0.005 and 0.2)")
+  need(0 < a.r_fraction <= 1, "afm.r_fraction", "must be in (0, 1] (paper: 0.25)")
+  need(a.r_eps > 0, "afm.r_eps", "must be > 0 (paper: 0.01)")
+  need(a.r_weight >= 0, "afm.r_weight", "must be >= 0 (paper: 0.25)")
+  need(a.center_weight >= 0, "afm.center_weight", "must be >= 0 (paper: 0.01)")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
   """Raises ValueError naming the field for unknown or invalid fields; returns the model config."""
   unknown = sorted(set(config.keys()) - _TOP_LEVEL)
@@ -122,6 +150,8 @@ def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
        f"must be one of {config_base.PHASES}")
   if config.get("phase") == "distill":
     validate_distill(config)
+  if config.get("phase") == "afm":
+    validate_afm(config)
   model_config = farmer.ModelConfig.from_config(config)
   sample.sampler_config(s)
   sample.parse_classes(s.classes, model_config.num_classes)
