@@ -362,10 +362,7 @@ class AFMTrainer:
     self.device_kind = self.mesh.devices.flat[0].device_kind
 
   def with_rules(self, fn):
-    def wrapped(*args):
-      with nn.logical_axis_rules(self.rules):
-        return fn(*args)
-    return wrapped
+    return train.with_rules(self.rules, fn)
 
   def generate(self, g_params, labels: np.ndarray, key: jax.Array) -> np.ndarray:
     """One sample per label, float32 in [-1, 1] [N, H, W, C], in batches of sample.batch_size."""

@@ -67,6 +67,16 @@ def _checker(config: ml_collections.ConfigDict):
   return need
 
 
+def _check_optimizer(need, name: str, s) -> None:
+  """The fields `make_optimizer` and `apply_gradients` read, of section `name` (= s)."""
+  need(s.learning_rate > 0, f"{name}.learning_rate", "must be > 0")
+  need(0 <= s.min_learning_rate <= s.learning_rate, f"{name}.min_learning_rate",
+       f"must be in [0, {name}.learning_rate]")
+  need(s.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")
+  need(0 <= s.ema_decay < 1, f"{name}.ema_decay", "must be in [0, 1) (0 disables EMA)")
+  need(s.grad_clip >= 0, f"{name}.grad_clip", "must be >= 0 (0 disables clipping)")
+
+
 def validate_distill(config: ml_collections.ConfigDict) -> None:
   """The `distill` section, for phase=distill (SPEC sec. 6)."""
   need, d = _checker(config), config.distill
@@ -81,12 +91,7 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
   need(d.noise_max >= 0, "distill.noise_max", "must be >= 0 (paper: 0.3)")
   need(d.data_noise is None or d.data_noise >= 0, "distill.data_noise",
        "must be >= 0 or None (train.noise_min)")
-  need(d.learning_rate > 0, "distill.learning_rate", "must be > 0")
-  need(0 <= d.min_learning_rate <= d.learning_rate, "distill.min_learning_rate",
-       "must be in [0, distill.learning_rate]")
-  need(d.warmup_steps >= 0, "distill.warmup_steps", "must be >= 0")
-  need(0 <= d.ema_decay < 1, "distill.ema_decay", "must be in [0, 1) (0 disables EMA)")
-  need(d.grad_clip >= 0, "distill.grad_clip", "must be >= 0 (0 disables clipping)")
+  _check_optimizer(need, "distill", d)
   need(config.model.af_blocks and config.model.af_blocks > 0, "model.af_blocks",
        "must be > 0 to distil: there is no AF inverse to distil")
 
@@ -100,12 +105,7 @@ def validate_afm(config: ml_collections.ConfigDict) -> None:
   need(a.width % a.head_dim == 0, "afm.width", f"must be a multiple of afm.head_dim = {a.head_dim}")
   need(config.data.image_size % a.patch_size == 0, "afm.patch_size",
        f"must divide data.image_size = {config.data.image_size}")
-  need(a.learning_rate > 0, "afm.learning_rate", "must be > 0 (paper: 1e-4)")
-  need(0 <= a.min_learning_rate <= a.learning_rate, "afm.min_learning_rate",
-       "must be in [0, afm.learning_rate]")
-  need(a.warmup_steps >= 0, "afm.warmup_steps", "must be >= 0")
-  need(0 <= a.ema_decay < 1, "afm.ema_decay", "must be in [0, 1) (0 disables EMA)")
-  need(a.grad_clip >= 0, "afm.grad_clip", "must be >= 0 (0 disables clipping)")
+  _check_optimizer(need, "afm", a)
   need(0 <= a.lambda_ot_min <= a.lambda_ot_max, "afm.lambda_ot_min",
        "must be in [0, afm.lambda_ot_max] (paper: 0.005 and 0.2)")
   need(0 < a.r_fraction <= 1, "afm.r_fraction", "must be in (0, 1] (paper: 0.25)")
@@ -306,6 +306,14 @@ def eval_step(params, batch: dict, key: jax.Array, *, model: farmer.Farmer):
 # ---------------------------------------------------------------------------------------------
 
 
+def with_rules(rules: sharding.Rules, fn):
+  """fn traced under the logical-axis rules `rules`."""
+  def wrapped(*args):
+    with nn.logical_axis_rules(rules):
+      return fn(*args)
+  return wrapped
+
+
 class Trainer:
   """Holds the model, the mesh and the jitted steps for one config.
 
@@ -352,10 +360,7 @@ class Trainer:
 
   def with_rules(self, fn):
     """fn traced under this config's logical-axis rules."""
-    def wrapped(*args):
-      with nn.logical_axis_rules(self.rules):
-        return fn(*args)
-    return wrapped
+    return with_rules(self.rules, fn)
 
   def batch_to_global(self, local_batch: dict) -> dict:
     return sharding.to_global(local_batch, self.mesh, self.rules)

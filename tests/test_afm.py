@@ -95,11 +95,11 @@ def tiny_nets():
   gen, disc = afm.Generator(net), afm.Discriminator(net)
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
   y = jnp.array([0, 1, 2, 3])
-  g_params = gen.init(jax.random.key(1), x, y)["params"]
+  g_params = jax.jit(gen.init)(jax.random.key(1), x, y)["params"]
   # Perturb G's zero-initialised output layers, so that G depends on its parameters everywhere.
   g_params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(2), p.shape),
                           g_params)
-  d_params = disc.init(jax.random.key(3), x, y)["params"]
+  d_params = jax.jit(disc.init)(jax.random.key(3), x, y)["params"]
   return gen, disc, g_params, d_params, x, y
 
 
@@ -108,6 +108,7 @@ def test_lambda_ot_zero_removes_the_ot_term_from_the_gradient(tiny_nets):
   x_real = jax.random.normal(jax.random.key(4), eps.shape)
   d_fn = lambda x, labels: disc.apply({"params": d_params}, x, labels)
 
+  @jax.jit
   def grads(lam):
     return jax.grad(lambda p: afm.generator_loss(d_fn, gen.apply({"params": p}, eps, y), eps,
                                                  x_real, y, lam)[0])(g_params)
@@ -118,7 +119,7 @@ def test_lambda_ot_zero_removes_the_ot_term_from_the_gradient(tiny_nets):
     return jnp.mean(jax.nn.softplus(-(logits[:4] - logits[4:])))
 
   flat = lambda t: np.concatenate([np.ravel(v) for v in jax.tree.leaves(t)])
-  adv = flat(jax.grad(adversarial_only)(g_params))
+  adv = flat(jax.jit(jax.grad(adversarial_only))(g_params))
   np.testing.assert_allclose(flat(grads(jnp.float32(0.0))), adv, rtol=1e-5, atol=1e-8)
   assert np.max(np.abs(flat(grads(jnp.float32(0.2))) - adv)) > 1e-3   # the term is there at 0.2
 
