@@ -348,9 +348,17 @@ class AFMTrainer:
                              a_d=without_ema(a), num_levels=config.data.num_levels)
     self.step = jax.jit(self.with_rules(step), in_shardings=(self.state_shardings, data, repl),
                         out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
-    self.generate_batch = jax.jit(
-        self.with_rules(lambda p, eps, y: jnp.clip(self.gen.apply({"params": p}, eps, y), -1, 1)),
-        in_shardings=(self.state_shardings.g.ema_params, data, data), out_shardings=repl)
+    n = self.net
+    noise_shape = (config.sample.batch_size, n.image_size, n.image_size, n.channels)
+
+    def generate_batch(g_params, key, labels_B):
+      eps = layers.constrain(jax.random.normal(key, noise_shape, jnp.float32), layers.ACT_BATCH)
+      labels_B = layers.constrain(labels_B, layers.ACT_BATCH)   # the batch splits over the mesh
+      return jnp.clip(self.gen.apply({"params": g_params}, eps, labels_B), -1.0, 1.0)
+
+    self.generate_batch = jax.jit(self.with_rules(generate_batch),
+                                  in_shardings=(self.state_shardings.g.ema_params, repl, repl),
+                                  out_shardings=repl)
     # Approximate: 2 FLOPs per parameter per token per pass (attention scores left out). G step:
     # G forward + backward (3 passes), D on fakes and reals (6); D step: G forward (1), D forward
     # and backward on 2 + 2 r_fraction batches (3 each).
@@ -366,17 +374,12 @@ class AFMTrainer:
 
   def generate(self, g_params, labels: np.ndarray, key: jax.Array) -> np.ndarray:
     """One sample per label, float32 in [-1, 1] [N, H, W, C], in batches of sample.batch_size."""
-    n, bs = self.net, self.config.sample.batch_size
-    out = []
+    bs, out = self.config.sample.batch_size, []
     for start in range(0, len(labels), bs):
       chunk = labels[start:start + bs]
       y = np.pad(chunk, (0, bs - len(chunk)), mode="edge").astype(np.int32)
-      eps = jax.random.normal(jax.random.fold_in(key, start),
-                              (bs, n.image_size, n.image_size, n.channels), jnp.float32)
-      batch = sharding.to_global({"y": y}, self.mesh, self.rules)
-      eps = jax.device_put(eps, sharding.batch_sharding(self.mesh, self.rules))
-      out.append(np.asarray(jax.device_get(self.generate_batch(g_params, eps, batch["y"])))
-                 [:len(chunk)])
+      images = self.generate_batch(g_params, jax.random.fold_in(key, start), jnp.asarray(y))
+      out.append(np.asarray(jax.device_get(images))[:len(chunk)])
     return np.concatenate(out)
 
   def sample(self, state: AFMState, workdir: str, writer=None) -> str:
