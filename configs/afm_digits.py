@@ -38,7 +38,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   if arg == "no_ot":
     c.afm.update(lambda_ot_max=0.0, lambda_ot_min=0.0)
   if arg == "tiny":
-    c.afm.update(batch_size=16, num_steps=6, width=32, depth=1, head_dim=16, log_every=2,
-                 checkpoint_every=3, eval_every=3)
+    c.afm.update(batch_size=16, num_steps=4, width=32, depth=1, head_dim=16, log_every=2,
+                 checkpoint_every=2, eval_every=100)   # samples at the end only
     c.sample.update(per_class=2, batch_size=16)
   return c

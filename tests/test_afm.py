@@ -139,8 +139,8 @@ def tiny_config(**afm_fields):
   return c
 
 
-def test_one_step_ema_and_state():
-  trainer = afm.AFMTrainer(tiny_config())
+def one_step(devices):
+  trainer = afm.AFMTrainer(tiny_config(), devices)
   batch = {"image": np.random.RandomState(0).randint(0, 17, (16, 8, 8, 1)).astype(np.uint8),
            "label": np.arange(16, dtype=np.int32) % 10}
   with jax.set_mesh(trainer.mesh):
@@ -148,6 +148,15 @@ def test_one_step_ema_and_state():
     g0 = jax.device_get(state.g.params)
     new, scalars = trainer.step(state, sharding.to_global(batch, trainer.mesh, trainer.rules),
                                 jax.random.key(0))
+  return g0, jax.device_get(new), jax.device_get(scalars)
+
+
+def test_one_step_ema_state_and_sharding():
+  g0, new, scalars = one_step(jax.devices())          # batch over 8 devices (conftest)
+  _, single, single_scalars = one_step(jax.devices()[:1])
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(single)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(scalars["g_loss"], single_scalars["g_loss"], rtol=1e-5)
   assert int(new.step) == int(new.g.step) == int(new.d.step) == 1
   assert int(new.nonfinite_step) == -1
   # EMA decay at step 0: min(ema_decay, (1 + 0) / (10 + 0)) = 0.1 (train.apply_gradients).
@@ -166,8 +175,8 @@ def test_resume_reproduces_the_uninterrupted_run_and_samples(tmp_path):
   config = tiny_config()
   whole = afm.train_and_evaluate(config, str(tmp_path / "whole"))
   part_dir = str(tmp_path / "resumed")
-  first = afm.train_and_evaluate(config, part_dir, stop_after_steps=4)
-  assert int(first.step) == 4
+  first = afm.train_and_evaluate(config, part_dir, stop_after_steps=2)
+  assert int(first.step) == 2
   resumed = afm.train_and_evaluate(config, part_dir)
   assert int(resumed.step) == config.afm.num_steps
   for a, b in zip(jax.tree.leaves((whole.g, whole.d)), jax.tree.leaves((resumed.g, resumed.d))):
