@@ -120,6 +120,37 @@ def base_config() -> ml_collections.ConfigDict:
       eval_samples=64,           # prior latents decoded by teacher and student at each evaluation
   )
 
+  # Adversarial Flow Models (SPEC sec. 7, farmer_jax/afm.py): a one-step generator G(eps, c) and a
+  # discriminator D(x, c), transformers over patch tokens, used with phase="afm".
+  c.afm = dict(
+      batch_size=placeholder(int),
+      num_steps=placeholder(int),
+      patch_size=placeholder(int),
+      width=placeholder(int),    # G and D: equal size (paper)
+      depth=placeholder(int),
+      head_dim=64,
+      mlp_ratio=4,
+      learning_rate=1e-4,        # paper (SPEC sec. 7), constant
+      min_learning_rate=1e-4,    # = learning_rate: no decay (paper)
+      warmup_steps=0,            # ours
+      b1=0.0, b2=0.9,            # paper
+      weight_decay=0.01,         # paper
+      grad_clip=0.0,             # ours: off
+      ema_decay=0.9999,          # paper: G EMA
+      lambda_ot_max=0.2,         # paper: OT weight, cosine 0.2 -> 0.005 over the run
+      lambda_ot_min=0.005,
+      r_fraction=0.25,           # paper: finite-difference R1 / R2 on 25% of the batch
+      r_eps=0.01,                # paper: e
+      r_weight=0.25,             # paper
+      center_weight=0.01,        # paper: logit centering 0.01 * (D(x) + D(G(z)))^2
+      grad_norm=False,           # ours: unit-RMS adversarial gradient at G's output (afm.py)
+      skip_nonfinite=False,
+      log_every=100,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      eval_every=1000,           # samples_<step>.npz + PNG from the G EMA (also at the end)
+  )
+
   c.sharding = dict(
       # Mesh axes in device order (the last varies fastest: keep `tensor` last); -1 takes the rest.
       mesh=dict(data=-1, fsdp=1, tensor=1),
@@ -212,7 +243,7 @@ def table6_sampler(**settings) -> dict:
   return dict(guidance="resample", num_cond=5, num_uncond=5, **settings)
 
 
-PHASES = ("train", "distill")
+PHASES = ("train", "distill", "afm")
 
 
 def split_phase(arg: str) -> tuple[str, str]:

@@ -4,7 +4,8 @@
 
 Modes:
   train     trains, resuming from the latest checkpoint in --workdir; evaluates and samples at the end
-            (with phase=distill: distils the AF inverse into <workdir>/distill, farmer_jax/distill.py)
+            (with phase=distill: distils the AF inverse into <workdir>/distill, farmer_jax/distill.py;
+            with phase=afm, e.g. configs/afm_digits.py: an adversarial flow model, farmer_jax/afm.py)
   evaluate  test-split bpd of the latest checkpoint -> <workdir>/eval/metrics.json
             (phase=distill: the student's evaluation -> <workdir>/distill/eval/metrics.json)
   sample    <workdir>/samples/samples_<step>.npz and .png with the config's sampler, decoded by the
@@ -96,6 +97,12 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.local_device_count())
   distilling = config.get("phase", "train") == "distill"
+  if config.get("phase") == "afm":
+    from farmer_jax import afm  # noqa: PLC0415 (phase=afm only)
+    if _MODE.value not in ("train", "sample"):
+      raise app.UsageError(f"--mode={_MODE.value} is not available with phase=afm (train, sample)")
+    (afm.train_and_evaluate if _MODE.value == "train" else afm.sample_latest)(config, workdir)
+    return
   if _MODE.value == "train":
     (distill.distill_and_evaluate if distilling else train.train_and_evaluate)(config, workdir)
   elif _MODE.value == "evaluate":

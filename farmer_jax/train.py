@@ -47,6 +47,11 @@ _SECTIONS = {
                 "weight_decay", "grad_clip", "ema_decay", "skip_nonfinite", "log_every",
                 "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples"},
     "fid": fid_config.FIELDS,
+    "afm": {"batch_size", "num_steps", "patch_size", "width", "depth", "head_dim", "mlp_ratio",
+            "learning_rate", "min_learning_rate", "warmup_steps", "b1", "b2", "weight_decay",
+            "grad_clip", "ema_decay", "lambda_ot_max", "lambda_ot_min", "r_fraction", "r_eps",
+            "r_weight", "center_weight", "grad_norm", "skip_nonfinite", "log_every",
+            "checkpoint_every", "keep_checkpoints", "eval_every"},
 }
 _TOP_LEVEL = {"seed", "phase", "model", *_SECTIONS}
 DECODERS = ("auto", "exact", "student")
@@ -60,6 +65,16 @@ def _checker(config: ml_collections.ConfigDict):
           field.split(".")[1])
       raise ValueError(f"config.{field} = {value!r}: {why}")
   return need
+
+
+def _check_optimizer(need, name: str, s) -> None:
+  """The fields `make_optimizer` and `apply_gradients` read, of section `name` (= s)."""
+  need(s.learning_rate > 0, f"{name}.learning_rate", "must be > 0")
+  need(0 <= s.min_learning_rate <= s.learning_rate, f"{name}.min_learning_rate",
+       f"must be in [0, {name}.learning_rate]")
+  need(s.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")
+  need(0 <= s.ema_decay < 1, f"{name}.ema_decay", "must be in [0, 1) (0 disables EMA)")
+  need(s.grad_clip >= 0, f"{name}.grad_clip", "must be >= 0 (0 disables clipping)")
 
 
 def validate_distill(config: ml_collections.ConfigDict) -> None:
@@ -76,14 +91,27 @@ def validate_distill(config: ml_collections.ConfigDict) -> None:
   need(d.noise_max >= 0, "distill.noise_max", "must be >= 0 (paper: 0.3)")
   need(d.data_noise is None or d.data_noise >= 0, "distill.data_noise",
        "must be >= 0 or None (train.noise_min)")
-  need(d.learning_rate > 0, "distill.learning_rate", "must be > 0")
-  need(0 <= d.min_learning_rate <= d.learning_rate, "distill.min_learning_rate",
-       "must be in [0, distill.learning_rate]")
-  need(d.warmup_steps >= 0, "distill.warmup_steps", "must be >= 0")
-  need(0 <= d.ema_decay < 1, "distill.ema_decay", "must be in [0, 1) (0 disables EMA)")
-  need(d.grad_clip >= 0, "distill.grad_clip", "must be >= 0 (0 disables clipping)")
+  _check_optimizer(need, "distill", d)
   need(config.model.af_blocks and config.model.af_blocks > 0, "model.af_blocks",
        "must be > 0 to distil: there is no AF inverse to distil")
+
+
+def validate_afm(config: ml_collections.ConfigDict) -> None:
+  """The `afm` section, for phase=afm (SPEC sec. 7)."""
+  need, a = _checker(config), config.afm
+  for f in ("batch_size", "num_steps", "patch_size", "width", "depth", "head_dim", "mlp_ratio",
+            "log_every", "checkpoint_every", "keep_checkpoints", "eval_every"):
+    need(isinstance(a[f], int) and a[f] > 0, f"afm.{f}", "must be a positive integer")
+  need(a.width % a.head_dim == 0, "afm.width", f"must be a multiple of afm.head_dim = {a.head_dim}")
+  need(config.data.image_size % a.patch_size == 0, "afm.patch_size",
+       f"must divide data.image_size = {config.data.image_size}")
+  _check_optimizer(need, "afm", a)
+  need(0 <= a.lambda_ot_min <= a.lambda_ot_max, "afm.lambda_ot_min",
+       "must be in [0, afm.lambda_ot_max] (paper: 0.005 and 0.2)")
+  need(0 < a.r_fraction <= 1, "afm.r_fraction", "must be in (0, 1] (paper: 0.25)")
+  need(a.r_eps > 0, "afm.r_eps", "must be > 0 (paper: 0.01)")
+  need(a.r_weight >= 0, "afm.r_weight", "must be >= 0 (paper: 0.25)")
+  need(a.center_weight >= 0, "afm.center_weight", "must be >= 0 (paper: 0.01)")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
@@ -122,6 +150,8 @@ def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
        f"must be one of {config_base.PHASES}")
   if config.get("phase") == "distill":
     validate_distill(config)
+  if config.get("phase") == "afm":
+    validate_afm(config)
   model_config = farmer.ModelConfig.from_config(config)
   sample.sampler_config(s)
   sample.parse_classes(s.classes, model_config.num_classes)
@@ -276,6 +306,14 @@ def eval_step(params, batch: dict, key: jax.Array, *, model: farmer.Farmer):
 # ---------------------------------------------------------------------------------------------
 
 
+def with_rules(rules: sharding.Rules, fn):
+  """fn traced under the logical-axis rules `rules`."""
+  def wrapped(*args):
+    with nn.logical_axis_rules(rules):
+      return fn(*args)
+  return wrapped
+
+
 class Trainer:
   """Holds the model, the mesh and the jitted steps for one config.
 
@@ -322,10 +360,7 @@ class Trainer:
 
   def with_rules(self, fn):
     """fn traced under this config's logical-axis rules."""
-    def wrapped(*args):
-      with nn.logical_axis_rules(self.rules):
-        return fn(*args)
-    return wrapped
+    return with_rules(self.rules, fn)
 
   def batch_to_global(self, local_batch: dict) -> dict:
     return sharding.to_global(local_batch, self.mesh, self.rules)

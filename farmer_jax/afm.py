@@ -1,0 +1,464 @@
+"""Adversarial Flow Models (SPEC sec. 7): a one-step generator trained with a relativistic GAN loss
+plus an optimal-transport term, no distillation.
+
+    G(eps, c): eps ~ N(0, I) of the data's shape -> a sample, one pass
+    D(x, c):   a logit per image (a CLS token read by a linear layer); D never sees eps
+
+Both are transformers of equal size over patch tokens with adaLN class conditioning (every layer's
+LayerNorm scale and shift and the residual gates come from the class embedding). Per step, G then
+D are updated (alternating, one jitted step):
+
+    G loss  softplus(-(D(G(eps)) - D(x)))  +  lambda_ot * mean_b ||G(eps) - eps||^2 / n
+    D loss  softplus(-(D(x) - D(G(eps))))
+            + r_weight * (mean R1 + mean R2),  R = ((D(y) - D(y + e * nu)) / e)^2, nu ~ N(0, I),
+              on the first r_fraction of the batch, y = x (R1) and y = G(eps) (R2)
+            + center_weight * mean (D(x) + D(G(eps)))^2
+
+n is the number of values per sample; lambda_ot falls on a cosine from lambda_ot_max to
+lambda_ot_min over the run; AdamW (0, 0.9), weight decay 0.01, constant lr 1e-4, G EMA (SPEC
+sec. 7). The finite difference squared estimates (grad D . nu)^2, whose mean over nu is the R1/R2
+penalty ||grad D||^2 without a double backward pass.
+
+`afm.grad_norm` (ours, off by default; the seed does not describe the paper's sec. 3.4 scheme): the
+gradient of the adversarial G loss at G's output is rescaled per example to unit RMS per value
+(/ batch size, as a batch mean), so that its size does not follow D's logit scale; the OT term's
+gradient is unchanged.
+
+Target space (a): pixels of `config.data` in [-1, 1] (uniformly dequantised). The workdir holds
+checkpoints/ (the AFMState), config.json, train_log.jsonl (g_loss, d_loss, their parts, lambda_ot,
+grad norms, steps/s) and samples/samples_<step>.npz + .png from the G EMA every `afm.eval_every`
+steps and at the end (`config.sample.per_class` images of each class; benchmarks/afm_digits.py
+judges them). Entry: `train_and_evaluate(config, workdir)` with `config.phase = "afm"`.
+"""
+import dataclasses
+import functools
+import os
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from farmer_jax import checkpoint, input_pipeline, metrics, sample, sharding, train
+from farmer_jax.models import farmer, layers
+
+TrainState = train.TrainState
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class NetConfig:
+  image_size: int
+  channels: int
+  patch_size: int
+  width: int
+  depth: int
+  head_dim: int
+  mlp_ratio: int
+  num_classes: int      # 0: unconditional (one embedding)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "NetConfig":
+    a, d = config.afm, config.data
+    return cls(d.image_size, d.channels, a.patch_size, a.width, a.depth, a.head_dim, a.mlp_ratio,
+               d.num_classes)
+
+  @property
+  def num_tokens(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def token_dim(self) -> int:
+    return self.patch_size ** 2 * self.channels
+
+
+def _plain_norm(x):
+  return nn.LayerNorm(use_bias=False, use_scale=False)(x)
+
+
+class AdaLNLayer(nn.Module):
+  """Pre-norm bidirectional layer with adaLN-Zero conditioning (DiT): from the condition c [B, W],
+  shift, scale and gate of the attention and MLP branches; the gates start at 0."""
+  width: int
+  head_dim: int
+  mlp_ratio: int
+
+  @nn.compact
+  def __call__(self, x_BxNxW: jax.Array, c_BxW: jax.Array) -> jax.Array:
+    mod = layers.dense(6 * self.width, (layers.EMBED, layers.HIDDEN), jnp.float32, "modulation",
+                       kernel_init=nn.initializers.zeros)(nn.silu(c_BxW))
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
+    h = _plain_norm(x_BxNxW) * (1 + scale1) + shift1
+    attn, _ = layers.Attention(self.width, self.head_dim, causal=False, name="attn")(h)
+    x_BxNxW = x_BxNxW + gate1 * attn
+    h = _plain_norm(x_BxNxW) * (1 + scale2) + shift2
+    x_BxNxW = x_BxNxW + gate2 * layers.MLP(self.width, self.mlp_ratio, name="mlp")(h)
+    return layers.constrain(x_BxNxW, layers.ACT_BATCH, layers.ACT_SEQ, layers.ACT_EMBED)
+
+
+class Trunk(nn.Module):
+  """Images [B, H, W, C] and labels [B] -> (token features [B, (1+)N, W], condition [B, W]):
+  patch embedding, learned positions, an optional leading CLS token, `depth` adaLN layers."""
+  net: NetConfig
+  cls_token: bool
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, labels_B: jax.Array):
+    n = self.net
+    tokens = farmer.patchify(x_BxHxWxC, n.patch_size)
+    h = layers.dense(n.width, (None, layers.EMBED), jnp.float32, "embed")(tokens)
+    h = h + self.param("pos", layers.param_init(nn.initializers.normal(0.02), None, layers.EMBED),
+                       (n.num_tokens, n.width))
+    if self.cls_token:
+      cls = self.param("cls", layers.param_init(nn.initializers.normal(0.02), layers.EMBED),
+                       (n.width,))
+      h = jnp.concatenate([jnp.broadcast_to(cls, (h.shape[0], 1, n.width)), h], axis=1)
+    table = self.param("class_embed", layers.param_init(nn.initializers.normal(0.02),
+                                                        layers.VOCAB, layers.EMBED),
+                       (max(n.num_classes, 1), n.width))
+    c_BxW = table[labels_B]
+    for i in range(n.depth):
+      h = AdaLNLayer(n.width, n.head_dim, n.mlp_ratio, name=f"layer_{i}")(h, c_BxW)
+    return h, c_BxW
+
+
+class Generator(nn.Module):
+  """G(eps, c): eps [B, H, W, C] -> sample [B, H, W, C] in one pass (adaLN final layer, zero-init
+  output projection: G starts at 0)."""
+  net: NetConfig
+
+  @nn.compact
+  def __call__(self, eps_BxHxWxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+    n = self.net
+    h, c_BxW = Trunk(n, cls_token=False, name="trunk")(eps_BxHxWxC, labels_B)
+    shift, scale = jnp.split(layers.dense(2 * n.width, (layers.EMBED, layers.HIDDEN), jnp.float32,
+                                          "final_modulation", kernel_init=nn.initializers.zeros)(
+                                              nn.silu(c_BxW))[:, None, :], 2, axis=-1)
+    h = _plain_norm(h) * (1 + scale) + shift
+    out = layers.dense(n.token_dim, (layers.EMBED, None), jnp.float32, "out",
+                       kernel_init=nn.initializers.zeros)(h)
+    return farmer.unpatchify(out, n.patch_size, n.image_size, n.channels)
+
+
+class Discriminator(nn.Module):
+  """D(x, c): images [B, H, W, C] -> logits [B], a linear layer on the final CLS token."""
+  net: NetConfig
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+    h, _ = Trunk(self.net, cls_token=True, name="trunk")(x_BxHxWxC, labels_B)
+    h = layers.layer_norm(jnp.float32, "ln_final")(h[:, 0])
+    return layers.dense(1, (layers.EMBED, None), jnp.float32, "logit")(h)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses (pure functions of a discriminator `d_fn(x, labels) -> logits [B]`).
+# ---------------------------------------------------------------------------------------------
+
+
+def lambda_ot_schedule(a: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """Cosine from `lambda_ot_max` at step 0 to `lambda_ot_min` at `num_steps` (SPEC sec. 7)."""
+  frac = jnp.clip(step / a.num_steps, 0.0, 1.0)
+  return a.lambda_ot_min + (a.lambda_ot_max - a.lambda_ot_min) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+
+def relativistic(logits_a: jax.Array, logits_b: jax.Array) -> jax.Array:
+  """softplus(-(a - b)) per example: the loss of the side that wants a above b."""
+  return jax.nn.softplus(-(logits_a - logits_b))
+
+
+def transport_cost(x_fake: jax.Array, eps: jax.Array) -> jax.Array:
+  """||G(eps) - eps||^2 / n per example [B], n the values per sample."""
+  return jnp.mean(jnp.square(x_fake - eps).reshape(x_fake.shape[0], -1), axis=1)
+
+
+def num_penalised(batch: int, r_fraction: float) -> int:
+  return max(1, int(round(r_fraction * batch)))
+
+
+def finite_difference_penalty(logits_y: jax.Array, logits_perturbed: jax.Array,
+                              e: float) -> jax.Array:
+  """((D(y) - D(y + e * nu)) / e)^2 per example."""
+  return jnp.square((logits_y - logits_perturbed) / e)
+
+
+@jax.custom_vjp
+def unit_rms_gradient(x_BxHxWxC: jax.Array) -> jax.Array:
+  """Identity whose backward pass rescales each example's cotangent to unit RMS / batch size."""
+  return x_BxHxWxC
+
+
+def _unit_rms_fwd(x):
+  return x, None
+
+
+def _unit_rms_bwd(_, g):
+  rms = jnp.sqrt(jnp.mean(jnp.square(g).reshape(g.shape[0], -1), axis=1) + 1e-20)
+  return (g / (rms.reshape((-1,) + (1,) * (g.ndim - 1)) * g.shape[0]),)
+
+
+unit_rms_gradient.defvjp(_unit_rms_fwd, _unit_rms_bwd)
+
+
+def generator_loss(d_fn, x_fake: jax.Array, eps: jax.Array, x_real: jax.Array,
+                   labels_B: jax.Array, lambda_ot: jax.Array, grad_norm: bool = False):
+  """-> (loss, parts): mean relativistic loss of the fakes against the reals + lambda_ot * OT."""
+  b = x_fake.shape[0]
+  adv_in = unit_rms_gradient(x_fake) if grad_norm else x_fake
+  logits = d_fn(jnp.concatenate([adv_in, jax.lax.stop_gradient(x_real)]),
+                jnp.concatenate([labels_B, labels_B]))
+  adv = jnp.mean(relativistic(logits[:b], logits[b:]))
+  ot = jnp.mean(transport_cost(x_fake, eps))
+  return adv + lambda_ot * ot, {"g_adv": adv, "ot": ot}
+
+
+def discriminator_loss(d_fn, x_real: jax.Array, x_fake: jax.Array, labels_B: jax.Array,
+                       key: jax.Array, a: ml_collections.ConfigDict):
+  """-> (loss, parts). One D call on [reals, fakes, perturbed reals, perturbed fakes]."""
+  b = x_real.shape[0]
+  k = num_penalised(b, a.r_fraction)
+  nu = jax.random.normal(key, (2 * k,) + x_real.shape[1:], x_real.dtype)
+  perturbed = jnp.concatenate([x_real[:k], x_fake[:k]]) + a.r_eps * nu
+  logits = d_fn(jnp.concatenate([x_real, x_fake, perturbed]),
+                jnp.concatenate([labels_B, labels_B, labels_B[:k], labels_B[:k]]))
+  real, fake, pert = logits[:b], logits[b:2 * b], logits[2 * b:]
+  adv = jnp.mean(relativistic(real, fake))
+  r1 = jnp.mean(finite_difference_penalty(real[:k], pert[:k], a.r_eps))
+  r2 = jnp.mean(finite_difference_penalty(fake[:k], pert[k:], a.r_eps))
+  center = jnp.mean(jnp.square(real + fake))
+  loss = adv + a.r_weight * (r1 + r2) + a.center_weight * center
+  return loss, {"d_adv": adv, "r1": r1, "r2": r2, "logit_center": center,
+                "logit_real": jnp.mean(real), "logit_fake": jnp.mean(fake)}
+
+
+# ---------------------------------------------------------------------------------------------
+# State and step.
+# ---------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class AFMState:
+  """G and D each a `train.TrainState` (params, EMA, AdamW state, non-finite guard), so that both
+  go through `train.apply_gradients`; D's EMA is kept equal to its params (decay 0)."""
+  step: jax.Array
+  g: TrainState
+  d: TrainState
+  nonfinite_step: jax.Array   # the first of g's and d's (-1: none), what `train.run_steps` reads
+
+
+def _fresh(params, tx) -> TrainState:
+  return TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
+                    nonfinite_step=jnp.int32(-1))
+
+
+def init_state(gen: Generator, disc: Discriminator, tx, seed: int,
+               boxed: bool = False) -> AFMState:
+  n = gen.net
+  x = jnp.zeros((1, n.image_size, n.image_size, n.channels), jnp.float32)
+  y = jnp.zeros((1,), jnp.int32)
+  k_g, k_d = jax.random.split(jax.random.key(seed))
+  g_params, d_params = gen.init(k_g, x, y)["params"], disc.init(k_d, x, y)["params"]
+  if not boxed:
+    g_params, d_params = sharding.unbox(g_params), sharding.unbox(d_params)
+  return AFMState(step=jnp.int32(0), g=_fresh(g_params, tx), d=_fresh(d_params, tx),
+                  nonfinite_step=jnp.int32(-1))
+
+
+def without_ema(a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """D's optimiser section: config.afm with ema_decay 0."""
+  d = ml_collections.ConfigDict(a.to_dict())
+  d.ema_decay = 0.0
+  return d
+
+
+def afm_step(state: AFMState, batch: dict, base_key: jax.Array, *, gen: Generator,
+             disc: Discriminator, tx, a: ml_collections.ConfigDict,
+             a_d: ml_collections.ConfigDict, num_levels: int):
+  """G update against the current D, then D update against the new G's samples (same eps)."""
+  k_deq, k_eps, k_r = jax.random.split(jax.random.fold_in(base_key, state.step), 3)
+  x_real = train.dequantize(batch["image"], num_levels, k_deq)
+  labels = batch["label"]
+  eps = jax.random.normal(k_eps, x_real.shape, jnp.float32)
+  lambda_ot = lambda_ot_schedule(a, state.step)
+  d_fn = lambda d_params: lambda x, y: disc.apply({"params": d_params}, x, y)
+
+  def g_loss_fn(g_params):
+    x_fake = gen.apply({"params": g_params}, eps, labels)
+    return generator_loss(d_fn(state.d.params), x_fake, eps, x_real, labels, lambda_ot,
+                          a.grad_norm)
+
+  (g_loss, g_parts), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(state.g.params)
+  g, g_scalars = train.apply_gradients(state.g, g_grads, g_loss, tx=tx, t=a)
+  x_fake = jax.lax.stop_gradient(gen.apply({"params": g.params}, eps, labels))
+  (d_loss, d_parts), d_grads = jax.value_and_grad(
+      lambda p: discriminator_loss(d_fn(p), x_real, x_fake, labels, k_r, a), has_aux=True)(
+          state.d.params)
+  d, d_scalars = train.apply_gradients(state.d, d_grads, d_loss, tx=tx, t=a_d)
+  # The first non-finite step of either network (-1: none).
+  steps = jnp.stack([g.nonfinite_step, d.nonfinite_step])
+  nonfinite = jnp.min(jnp.where(steps >= 0, steps, jnp.iinfo(jnp.int32).max))
+  nonfinite = jnp.where(nonfinite == jnp.iinfo(jnp.int32).max, -1, nonfinite)
+  scalars = {"g_loss": g_loss, "d_loss": d_loss, **g_parts, **d_parts, "lambda_ot": lambda_ot,
+             "g_grad_norm": g_scalars["grad_norm"], "d_grad_norm": d_scalars["grad_norm"],
+             "learning_rate": g_scalars["learning_rate"],
+             "skipped": jnp.maximum(g_scalars["skipped"], d_scalars["skipped"])}
+  return AFMState(step=state.step + 1, g=g, d=d, nonfinite_step=nonfinite), scalars
+
+
+# ---------------------------------------------------------------------------------------------
+# AFMTrainer: mesh, shardings, jitted init / step / sampler.
+# ---------------------------------------------------------------------------------------------
+
+
+class AFMTrainer:
+  """The AFM counterpart of `train.Trainer` (same mesh, rules and sharding helpers)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
+    if config.get("phase") != "afm":
+      raise ValueError(f"config.phase = {config.get('phase')!r}: the AFM trainer needs "
+                       f"phase='afm' (configs/afm_digits.py sets it)")
+    train.validate_config(config)
+    self.config, a = config, config.afm
+    self.net = NetConfig.from_config(config)
+    self.gen, self.disc = Generator(self.net), Discriminator(self.net)
+    self.tx = train.make_optimizer(a)
+    self.mesh = sharding.make_mesh(config.sharding.mesh, devices)
+    self.rules = sharding.rules_from_config(config.sharding.rules)
+    sharding.check_rules(self.rules, self.mesh)
+    for field, size in (("config.afm.batch_size", a.batch_size),
+                        ("config.sample.batch_size", config.sample.batch_size)):
+      sharding.check_batch_size(size, self.mesh, self.rules, field)
+    repl = sharding.replicated(self.mesh)
+    data = sharding.batch_sharding(self.mesh, self.rules)
+    boxed = jax.eval_shape(self.with_rules(
+        lambda: init_state(self.gen, self.disc, self.tx, config.seed, True)))
+    self.state_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
+    self.abstract_state = checkpoint.abstract_like(sharding.unbox(boxed), self.state_shardings)
+    self.init = jax.jit(self.with_rules(
+        lambda: init_state(self.gen, self.disc, self.tx, config.seed)),
+        out_shardings=self.state_shardings)
+    step = functools.partial(afm_step, gen=self.gen, disc=self.disc, tx=self.tx, a=a,
+                             a_d=without_ema(a), num_levels=config.data.num_levels)
+    self.step = jax.jit(self.with_rules(step), in_shardings=(self.state_shardings, data, repl),
+                        out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
+    n = self.net
+    noise_shape = (config.sample.batch_size, n.image_size, n.image_size, n.channels)
+
+    def generate_batch(g_params, key, labels_B):
+      eps = layers.constrain(jax.random.normal(key, noise_shape, jnp.float32), layers.ACT_BATCH)
+      labels_B = layers.constrain(labels_B, layers.ACT_BATCH)   # the batch splits over the mesh
+      return jnp.clip(self.gen.apply({"params": g_params}, eps, labels_B), -1.0, 1.0)
+
+    self.generate_batch = jax.jit(self.with_rules(generate_batch),
+                                  in_shardings=(self.state_shardings.g.ema_params, repl, repl),
+                                  out_shardings=repl)
+    # Approximate: 2 FLOPs per parameter per token per pass (attention scores left out). G step:
+    # G forward + backward (3 passes), D on fakes and reals (6); D step: G forward (1), D forward
+    # and backward on 2 + 2 r_fraction batches (3 each).
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+    p_g, p_d = count(sharding.unbox(boxed).g.params), count(sharding.unbox(boxed).d.params)
+    tokens = self.net.num_tokens
+    self.flops_per_step = 2 * tokens * a.batch_size * (
+        4 * p_g + (6 + 3 * (2 + 2 * a.r_fraction)) * p_d)
+    self.device_kind = self.mesh.devices.flat[0].device_kind
+
+  def with_rules(self, fn):
+    return train.with_rules(self.rules, fn)
+
+  def generate(self, g_params, labels: np.ndarray, key: jax.Array) -> np.ndarray:
+    """One sample per label, float32 in [-1, 1] [N, H, W, C], in batches of sample.batch_size."""
+    bs, out = self.config.sample.batch_size, []
+    for start in range(0, len(labels), bs):
+      chunk = labels[start:start + bs]
+      y = np.pad(chunk, (0, bs - len(chunk)), mode="edge").astype(np.int32)
+      images = self.generate_batch(g_params, jax.random.fold_in(key, start), jnp.asarray(y))
+      out.append(np.asarray(jax.device_get(images))[:len(chunk)])
+    return np.concatenate(out)
+
+  def sample(self, state: AFMState, workdir: str, writer=None) -> str:
+    """`sample.per_class` images of each chosen class from the G EMA (fixed noise: sample.seed)
+    -> samples/samples_<step>.npz and .png, one grid row per class; returns the npz path."""
+    s, num_levels = self.config.sample, self.config.data.num_levels
+    classes = sample.parse_classes(s.classes, self.net.num_classes)
+    labels = sample.grid_labels(classes, s.per_class)
+    images = sample.quantize(self.generate(state.g.ema_params, labels, jax.random.key(s.seed)),
+                             num_levels)
+    npz, grid = sample.write_samples(workdir, int(state.step), images, labels, num_levels,
+                                     rows=len(classes))
+    if writer is not None and grid is not None:
+      writer.write_images(int(state.step), {"samples": grid[None]})
+    return npz
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points.
+# ---------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after_steps: int | None = None) -> AFMState:
+  """Trains G and D (resuming from the latest checkpoint in `workdir`), sampling every
+  `afm.eval_every` steps and at the end. `stop_after_steps` as in `train.train_and_evaluate`."""
+  trainer = AFMTrainer(config)
+  a = config.afm
+  train.check_workdir_config(config, workdir)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=a.keep_checkpoints)
+  writer = metrics.create_writer(workdir)
+  with jax.set_mesh(trainer.mesh):
+    if ckpt.latest_step() is None:
+      state = trainer.init()
+      logging.info("AFM from scratch: %d steps of batch %d; G %s, D %s parameters", a.num_steps,
+                   a.batch_size, f"{sum(x.size for x in jax.tree.leaves(state.g.params)):,}",
+                   f"{sum(x.size for x in jax.tree.leaves(state.d.params)):,}")
+    else:
+      state = ckpt.restore(trainer.abstract_state)
+      logging.info("resumed AFM from checkpoint at step %d of %d", int(state.step), a.num_steps)
+    start = int(state.step)
+    end = a.num_steps if stop_after_steps is None else min(a.num_steps, start + stop_after_steps)
+    data = input_pipeline.train_iterator(config.data, global_batch_size=a.batch_size,
+                                         seed=config.seed, start_step=start)
+    base_key = jax.random.key(config.seed + 3)
+    to_global = lambda b: sharding.to_global(b, trainer.mesh, trainer.rules)
+    state, preempted = train.run_steps(
+        state, lambda s: trainer.step(s, to_global(next(data)), base_key), start=start, end=end,
+        t=a, ckpt=ckpt, log_path=os.path.join(workdir, "train_log.jsonl"), writer=writer,
+        flops_per_step=trainer.flops_per_step, num_devices=trainer.mesh.size,
+        device_kind=trainer.device_kind, eval_every=a.eval_every,
+        eval_fn=lambda s: trainer.sample(s, workdir, writer), section="afm")
+    if preempted:
+      ckpt.close()
+      return state
+    ckpt.wait()
+    if int(state.step) >= a.num_steps:
+      trainer.sample(state, workdir, writer)
+  writer.flush()
+  ckpt.close()
+  return state
+
+
+def restore_latest(config: ml_collections.ConfigDict, workdir: str) -> tuple[AFMTrainer, AFMState]:
+  trainer = AFMTrainer(config)
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(
+        f"no AFM checkpoint in {ckpt.directory}: train first with python -m farmer_jax.main "
+        f"--config=configs/afm_digits.py --workdir={workdir}")
+  train.check_workdir_config(config, workdir, record=False)
+  state = ckpt.restore(trainer.abstract_state)
+  ckpt.close()
+  return trainer, state
+
+
+def sample_latest(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=sample with phase=afm: samples_<step>.npz and .png from the latest G EMA."""
+  trainer, state = restore_latest(config, workdir)
+  with jax.set_mesh(trainer.mesh):
+    return trainer.sample(state, workdir)
+
