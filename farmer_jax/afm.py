@@ -432,28 +432,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         flops_per_step=trainer.flops_per_step, num_devices=trainer.mesh.size,
         device_kind=trainer.device_kind, eval_every=a.eval_every,
         eval_fn=lambda s: trainer.sample(s, workdir, writer), section="afm")
-    if preempted:
-      ckpt.close()
-      return state
-    ckpt.wait()
-    if int(state.step) >= a.num_steps:
-      trainer.sample(state, workdir, writer)
-  writer.flush()
-  ckpt.close()
-  return state
+    return train.finish_run(state, preempted, a.num_steps, ckpt, writer,
+                            lambda s: trainer.sample(s, workdir, writer))
 
 
 def restore_latest(config: ml_collections.ConfigDict, workdir: str) -> tuple[AFMTrainer, AFMState]:
   trainer = AFMTrainer(config)
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(
-        f"no AFM checkpoint in {ckpt.directory}: train first with python -m farmer_jax.main "
-        f"--config=configs/afm_digits.py --workdir={workdir}")
-  train.check_workdir_config(config, workdir, record=False)
-  state = ckpt.restore(trainer.abstract_state)
-  ckpt.close()
-  return trainer, state
+  return trainer, train.restore_latest_checkpoint(config, workdir, trainer.abstract_state, "AFM ",
+                                                  "configs/afm_digits.py")
 
 
 def sample_latest(config: ml_collections.ConfigDict, workdir: str) -> str:

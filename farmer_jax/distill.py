@@ -396,17 +396,11 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer=writer, flops_per_step=dist.flops_per_step, num_devices=dist.mesh.size,
         device_kind=dist.trainer.device_kind, eval_every=d.eval_every,
         eval_fn=lambda s: dist.evaluate(s, teacher_params, out_dir, writer), section="distill")
-    if preempted:
-      ckpt.close()
-      return state
-    ckpt.wait()
-    if int(state.step) >= d.num_steps:
+    def final(state):
       dist.evaluate(state, teacher_params, out_dir, writer)
       dist.trainer.sample(_at_step(state.step, teacher_params), out_dir, writer,
                           student=(dist.student, dist.student_params(state)))
-  writer.flush()
-  ckpt.close()
-  return state
+    return train.finish_run(state, preempted, d.num_steps, ckpt, writer, final)
 
 
 def _at_step(step, params) -> TrainState:

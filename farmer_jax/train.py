@@ -507,14 +507,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         writer=writer, flops_per_step=trainer.flops_per_step, num_devices=trainer.mesh.size,
         device_kind=trainer.device_kind, eval_every=config.eval.every,
         eval_fn=lambda s: trainer.evaluate(s, workdir, writer))
-    if preempted:
-      ckpt.close()
-      return state
-    ckpt.wait()
-    if int(state.step) >= t.num_steps:
+    def final(state):
       trainer.evaluate(state, workdir, writer)
       trainer.sample(state, workdir, writer)
-  writer.flush()
+    return finish_run(state, preempted, t.num_steps, ckpt, writer, final)
+
+
+def finish_run(state, preempted: bool, num_steps: int, ckpt: checkpoint.Checkpointer, writer,
+               final_fn):
+  """After `run_steps`, in every phase: on preemption only close the checkpointer (the saved step
+  is where the rerun resumes); otherwise wait for the saves, run `final_fn(state)` (evaluation,
+  samples) when the run reached `num_steps`, flush the logs and close. Returns `state`."""
+  if not preempted:
+    ckpt.wait()
+    if int(state.step) >= num_steps:
+      final_fn(state)
+    writer.flush()
   ckpt.close()
   return state
 
@@ -570,15 +578,24 @@ def run_steps(state: TrainState, step_fn, *, start: int, end: int, t: ml_collect
   return state, False
 
 
-def _restore_latest(config, workdir: str) -> tuple[Trainer, TrainState]:
-  trainer = Trainer(config)
+def restore_latest_checkpoint(config, workdir: str, abstract_state, what: str = "",
+                              config_file: str = "..."):
+  """The latest checkpoint of `workdir` onto `abstract_state`'s shardings, after checking the
+  config against the workdir's; a clear error when there is none."""
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(
-        f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first with "
-        f"python -m farmer_jax.main --config=... --workdir={workdir}")
-  check_workdir_config(config, workdir)
-  return trainer, ckpt.restore(trainer.abstract_state)
+        f"no {what}checkpoint in {ckpt.directory}: train first with python -m "
+        f"farmer_jax.main --config={config_file} --workdir={workdir}")
+  check_workdir_config(config, workdir, record=False)
+  state = ckpt.restore(abstract_state)
+  ckpt.close()
+  return state
+
+
+def _restore_latest(config, workdir: str) -> tuple[Trainer, TrainState]:
+  trainer = Trainer(config)
+  return trainer, restore_latest_checkpoint(config, workdir, trainer.abstract_state)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
