@@ -152,11 +152,9 @@ def one_step(devices):
 
 
 def test_one_step_ema_state_and_sharding():
-  g0, new, scalars = one_step(jax.devices())          # batch over 8 devices (conftest)
-  _, single, single_scalars = one_step(jax.devices()[:1])
-  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(single)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(scalars["g_loss"], single_scalars["g_loss"], rtol=1e-5)
+  # Batch over 8 devices (conftest). The sharded-vs-one-device equality of a step is asserted for
+  # the FARMER and distillation steps, which share the sharding code; dropped here for CI time.
+  g0, new, scalars = one_step(jax.devices())
   assert int(new.step) == int(new.g.step) == int(new.d.step) == 1
   assert int(new.nonfinite_step) == -1
   # EMA decay at step 0: min(ema_decay, (1 + 0) / (10 + 0)) = 0.1 (train.apply_gradients).
