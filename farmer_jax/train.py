@@ -593,14 +593,15 @@ def restore_latest_checkpoint(config, workdir: str, abstract_state, what: str = 
   return state
 
 
-def _restore_latest(config, workdir: str) -> tuple[Trainer, TrainState]:
+def restore_latest(config, workdir: str) -> tuple[Trainer, TrainState]:
+  """The Trainer of `config` and the latest checkpoint of `workdir` (evaluate, sample, fid modes)."""
   trainer = Trainer(config)
   return trainer, restore_latest_checkpoint(config, workdir, trainer.abstract_state)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode=evaluate: test-split bpd of the latest checkpoint."""
-  trainer, state = _restore_latest(config, workdir)
+  trainer, state = restore_latest(config, workdir)
   with jax.set_mesh(trainer.mesh):
     return trainer.evaluate(state, workdir)
 
@@ -613,6 +614,6 @@ def sample_latest(config: ml_collections.ConfigDict, workdir: str) -> str:
     from farmer_jax import distill  # noqa: PLC0415 (distill imports this module)
     if decoder == "student" or distill.has_student(workdir):
       return distill.sample_with_student(config, workdir)
-  trainer, state = _restore_latest(config, workdir)
+  trainer, state = restore_latest(config, workdir)
   with jax.set_mesh(trainer.mesh):
     return trainer.sample(state, workdir)

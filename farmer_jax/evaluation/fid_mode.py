@@ -221,7 +221,7 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
       trainer, decoder = dist.trainer, "student"
       student = (dist.student, dist.student_params(student_state))
     else:
-      trainer, state = train._restore_latest(config, workdir)  # noqa: SLF001 (shared restore path)
+      trainer, state = train.restore_latest(config, workdir)
     mesh, rules = trainer.mesh, trainer.rules
   else:
     mesh = sharding.make_mesh(config.sharding.mesh)
