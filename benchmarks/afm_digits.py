@@ -1,6 +1,7 @@
 r"""Class accuracy of an AFM digits run's samples against step (configs/afm_digits.py).
 
     python benchmarks/afm_digits.py --workdir=runs/afm_digits [--out=FILE]
+    python benchmarks/afm_digits.py --workdir=runs/digits/afm     # on FARMER's latents
 
 Every samples/samples_<step>.npz the run wrote (G EMA, fixed noise, `sample.per_class` images of each
 class) is judged by the digits SVC of benchmarks/digits_guidance.py (RBF SVC on the real training
@@ -36,7 +37,7 @@ def curve(workdir: str) -> list[dict]:
   real = x_test.reshape(len(x_test), -1) / 16.0
   rows = []
   for path in glob.glob(os.path.join(workdir, "samples", "samples_*.npz")):
-    m = re.fullmatch(r"samples_(\d+)\.npz", os.path.basename(path))
+    m = re.fullmatch(r"samples_(\d+)(_student)?\.npz", os.path.basename(path))
     if not m:
       continue
     with np.load(path) as f:

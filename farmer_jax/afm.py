@@ -65,9 +65,12 @@ class NetConfig:
   num_classes: int      # 0: unconditional (one embedding)
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "NetConfig":
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  shape: tuple[int, int, int] | None = None) -> "NetConfig":
+    """`shape` (H, W, C) of what G generates: by default config.data's images."""
     a, d = config.afm, config.data
-    return cls(d.image_size, d.channels, a.patch_size, a.width, a.depth, a.head_dim, a.mlp_ratio,
+    size, channels = (shape[0], shape[2]) if shape else (d.image_size, d.channels)
+    return cls(size, channels, a.patch_size, a.width, a.depth, a.head_dim, a.mlp_ratio,
                d.num_classes)
 
   @property
@@ -278,12 +281,33 @@ def without_ema(a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return d
 
 
-def afm_step(state: AFMState, batch: dict, base_key: jax.Array, *, gen: Generator,
-             disc: Discriminator, tx, a: ml_collections.ConfigDict,
-             a_d: ml_collections.ConfigDict, num_levels: int):
-  """G update against the current D, then D update against the new G's samples (same eps)."""
+class PixelTarget:
+  """Target space (a): the images of config.data in [-1, 1], uniformly dequantised."""
+  name = "pixels"
+  params = None               # nothing frozen to pass to the jitted functions
+  param_shardings = None
+  flops_per_example = 0.0
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    d = config.data
+    self.shape = (d.image_size, d.image_size, d.channels)
+    self.num_levels = d.num_levels
+    self.use_student = False
+
+  def encode(self, params, batch: dict, key: jax.Array) -> jax.Array:
+    return train.dequantize(batch["image"], self.num_levels, key)
+
+  def decode(self, params, x: jax.Array, labels_B: jax.Array, key: jax.Array) -> jax.Array:
+    return x
+
+
+def afm_step(state: AFMState, batch: dict, base_key: jax.Array, target_params=None, *,
+             gen: Generator, disc: Discriminator, tx, a: ml_collections.ConfigDict,
+             a_d: ml_collections.ConfigDict, target):
+  """G update against the current D, then D update against the new G's samples (same eps).
+  `target.encode(target_params, batch, key)` gives the reals (pixels, or FARMER's z^I)."""
   k_deq, k_eps, k_r = jax.random.split(jax.random.fold_in(base_key, state.step), 3)
-  x_real = train.dequantize(batch["image"], num_levels, k_deq)
+  x_real = target.encode(target_params, batch, k_deq)
   labels = batch["label"]
   eps = jax.random.normal(k_eps, x_real.shape, jnp.float32)
   lambda_ot = lambda_ot_schedule(a, state.step)
@@ -317,16 +341,40 @@ def afm_step(state: AFMState, batch: dict, base_key: jax.Array, *, gen: Generato
 # ---------------------------------------------------------------------------------------------
 
 
-class AFMTrainer:
-  """The AFM counterpart of `train.Trainer` (same mesh, rules and sharding helpers)."""
+def output_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the AFM run lives: --workdir for pixels, <workdir>/afm on FARMER's latents."""
+  if config.afm.target == "farmer_latent":
+    from farmer_jax import afm_latent  # noqa: PLC0415 (afm_latent imports train, distill)
+    return afm_latent.subdir(workdir)
+  return workdir
 
-  def __init__(self, config: ml_collections.ConfigDict, devices=None):
+
+def make_target(config: ml_collections.ConfigDict, workdir: str | None, devices=None):
+  """The target space of `config.afm.target`; FARMER's latents load the FARMER of `workdir`."""
+  if config.afm.target == "pixels":
+    return PixelTarget(config)
+  if workdir is None:
+    raise ValueError("afm.target = 'farmer_latent' needs the FARMER workdir")
+  from farmer_jax import afm_latent  # noqa: PLC0415
+  return afm_latent.FarmerLatentTarget(config, workdir, devices)
+
+
+# AFM fields that fix the parameters' shapes: a resumed run must keep them.
+_AFM_IDENTITY = ("target", "patch_size", "width", "depth", "head_dim", "mlp_ratio")
+
+
+class AFMTrainer:
+  """The AFM counterpart of `train.Trainer` (same mesh, rules and sharding helpers). `workdir`:
+  the FARMER workdir whose latents are the target (afm.target = "farmer_latent" only)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, devices=None, workdir: str | None = None):
     if config.get("phase") != "afm":
       raise ValueError(f"config.phase = {config.get('phase')!r}: the AFM trainer needs "
                        f"phase='afm' (configs/afm_digits.py sets it)")
     train.validate_config(config)
     self.config, a = config, config.afm
-    self.net = NetConfig.from_config(config)
+    self.target = make_target(config, workdir, devices)
+    self.net = NetConfig.from_config(config, self.target.shape)
     self.gen, self.disc = Generator(self.net), Discriminator(self.net)
     self.tx = train.make_optimizer(a)
     self.mesh = sharding.make_mesh(config.sharding.mesh, devices)
@@ -344,20 +392,26 @@ class AFMTrainer:
     self.init = jax.jit(self.with_rules(
         lambda: init_state(self.gen, self.disc, self.tx, config.seed)),
         out_shardings=self.state_shardings)
+    target_shardings = self.target.param_shardings
     step = functools.partial(afm_step, gen=self.gen, disc=self.disc, tx=self.tx, a=a,
-                             a_d=without_ema(a), num_levels=config.data.num_levels)
-    self.step = jax.jit(self.with_rules(step), in_shardings=(self.state_shardings, data, repl),
+                             a_d=without_ema(a), target=self.target)
+    self.step = jax.jit(self.with_rules(step),
+                        in_shardings=(self.state_shardings, data, repl, target_shardings),
                         out_shardings=(self.state_shardings, repl), donate_argnums=(0,))
     n = self.net
     noise_shape = (config.sample.batch_size, n.image_size, n.image_size, n.channels)
 
-    def generate_batch(g_params, key, labels_B):
+    def generate_batch(g_params, target_params, key, labels_B):
+      """eps -> G -> (on FARMER's latents: z^R and the decoder) -> images in [-1, 1]."""
       eps = layers.constrain(jax.random.normal(key, noise_shape, jnp.float32), layers.ACT_BATCH)
       labels_B = layers.constrain(labels_B, layers.ACT_BATCH)   # the batch splits over the mesh
-      return jnp.clip(self.gen.apply({"params": g_params}, eps, labels_B), -1.0, 1.0)
+      x = self.gen.apply({"params": g_params}, eps, labels_B)
+      return jnp.clip(self.target.decode(target_params, x, labels_B, jax.random.fold_in(key, 1)),
+                      -1.0, 1.0)
 
     self.generate_batch = jax.jit(self.with_rules(generate_batch),
-                                  in_shardings=(self.state_shardings.g.ema_params, repl, repl),
+                                  in_shardings=(self.state_shardings.g.ema_params,
+                                                target_shardings, repl, repl),
                                   out_shardings=repl)
     # Approximate: 2 FLOPs per parameter per token per pass (attention scores left out). G step:
     # G forward + backward (3 passes), D on fakes and reals (6); D step: G forward (1), D forward
@@ -365,20 +419,23 @@ class AFMTrainer:
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
     p_g, p_d = count(sharding.unbox(boxed).g.params), count(sharding.unbox(boxed).d.params)
     tokens = self.net.num_tokens
-    self.flops_per_step = 2 * tokens * a.batch_size * (
-        4 * p_g + (6 + 3 * (2 + 2 * a.r_fraction)) * p_d)
+    self.flops_per_step = a.batch_size * (
+        2 * tokens * (4 * p_g + (6 + 3 * (2 + 2 * a.r_fraction)) * p_d)
+        + self.target.flops_per_example)
     self.device_kind = self.mesh.devices.flat[0].device_kind
 
   def with_rules(self, fn):
     return train.with_rules(self.rules, fn)
 
   def generate(self, g_params, labels: np.ndarray, key: jax.Array) -> np.ndarray:
-    """One sample per label, float32 in [-1, 1] [N, H, W, C], in batches of sample.batch_size."""
+    """One image per label, float32 in [-1, 1] [N, H, W, C], in batches of sample.batch_size
+    (on FARMER's latents: decoded to images)."""
     bs, out = self.config.sample.batch_size, []
     for start in range(0, len(labels), bs):
       chunk = labels[start:start + bs]
       y = np.pad(chunk, (0, bs - len(chunk)), mode="edge").astype(np.int32)
-      images = self.generate_batch(g_params, jax.random.fold_in(key, start), jnp.asarray(y))
+      images = self.generate_batch(g_params, self.target.params, jax.random.fold_in(key, start),
+                                   jnp.asarray(y))
       out.append(np.asarray(jax.device_get(images))[:len(chunk)])
     return np.concatenate(out)
 
@@ -391,7 +448,8 @@ class AFMTrainer:
     images = sample.quantize(self.generate(state.g.ema_params, labels, jax.random.key(s.seed)),
                              num_levels)
     npz, grid = sample.write_samples(workdir, int(state.step), images, labels, num_levels,
-                                     rows=len(classes))
+                                     rows=len(classes),
+                                     suffix="_student" if self.target.use_student else "")
     if writer is not None and grid is not None:
       writer.write_images(int(state.step), {"samples": grid[None]})
     return npz
@@ -404,18 +462,22 @@ class AFMTrainer:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_steps: int | None = None) -> AFMState:
-  """Trains G and D (resuming from the latest checkpoint in `workdir`), sampling every
-  `afm.eval_every` steps and at the end. `stop_after_steps` as in `train.train_and_evaluate`."""
-  trainer = AFMTrainer(config)
-  a = config.afm
-  train.check_workdir_config(config, workdir)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=a.keep_checkpoints)
-  writer = metrics.create_writer(workdir)
+  """Trains G and D (resuming from the latest checkpoint), sampling every `afm.eval_every` steps
+  and at the end; in `workdir`, or <workdir>/afm on FARMER's latents (whose statistics are
+  measured first). `stop_after_steps` as in `train.train_and_evaluate`."""
+  trainer = AFMTrainer(config, workdir=workdir)
+  a, out_dir = config.afm, output_dir(config, workdir)
+  train.check_workdir_config(config, out_dir, extra=(("afm", _AFM_IDENTITY),))
+  ckpt = checkpoint.Checkpointer(out_dir, max_to_keep=a.keep_checkpoints)
+  writer = metrics.create_writer(out_dir)
   with jax.set_mesh(trainer.mesh):
+    if a.target == "farmer_latent":
+      trainer.target.prepare(trainer.rules, a.batch_size, config.seed, create=True)
     if ckpt.latest_step() is None:
       state = trainer.init()
-      logging.info("AFM from scratch: %d steps of batch %d; G %s, D %s parameters", a.num_steps,
-                   a.batch_size, f"{sum(x.size for x in jax.tree.leaves(state.g.params)):,}",
+      logging.info("AFM on %s from scratch: %d steps of batch %d; G %s, D %s parameters",
+                   a.target, a.num_steps, a.batch_size,
+                   f"{sum(x.size for x in jax.tree.leaves(state.g.params)):,}",
                    f"{sum(x.size for x in jax.tree.leaves(state.d.params)):,}")
     else:
       state = ckpt.restore(trainer.abstract_state)
@@ -427,24 +489,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     base_key = jax.random.key(config.seed + 3)
     to_global = lambda b: sharding.to_global(b, trainer.mesh, trainer.rules)
     state, preempted = train.run_steps(
-        state, lambda s: trainer.step(s, to_global(next(data)), base_key), start=start, end=end,
-        t=a, ckpt=ckpt, log_path=os.path.join(workdir, "train_log.jsonl"), writer=writer,
-        flops_per_step=trainer.flops_per_step, num_devices=trainer.mesh.size,
+        state, lambda s: trainer.step(s, to_global(next(data)), base_key, trainer.target.params),
+        start=start, end=end, t=a, ckpt=ckpt, log_path=os.path.join(out_dir, "train_log.jsonl"),
+        writer=writer, flops_per_step=trainer.flops_per_step, num_devices=trainer.mesh.size,
         device_kind=trainer.device_kind, eval_every=a.eval_every,
-        eval_fn=lambda s: trainer.sample(s, workdir, writer), section="afm")
+        eval_fn=lambda s: trainer.sample(s, out_dir, writer), section="afm")
     return train.finish_run(state, preempted, a.num_steps, ckpt, writer,
-                            lambda s: trainer.sample(s, workdir, writer))
+                            lambda s: trainer.sample(s, out_dir, writer))
 
 
 def restore_latest(config: ml_collections.ConfigDict, workdir: str) -> tuple[AFMTrainer, AFMState]:
-  trainer = AFMTrainer(config)
-  return trainer, train.restore_latest_checkpoint(config, workdir, trainer.abstract_state, "AFM ",
-                                                  "configs/afm_digits.py")
+  """The trainer (its target ready) and the latest AFM checkpoint of `workdir`."""
+  trainer = AFMTrainer(config, workdir=workdir)
+  out_dir = output_dir(config, workdir)
+  if config.afm.target == "farmer_latent":
+    trainer.target.prepare(trainer.rules, config.afm.batch_size, config.seed, create=False)
+  config_file = ("configs/afm_farmer_latent.py" if config.afm.target == "farmer_latent"
+                 else "configs/afm_digits.py")
+  return trainer, train.restore_latest_checkpoint(config, out_dir, trainer.abstract_state, "AFM ",
+                                                  config_file, extra=(("afm", _AFM_IDENTITY),))
 
 
 def sample_latest(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """--mode=sample with phase=afm: samples_<step>.npz and .png from the latest G EMA."""
+  """--mode=sample with phase=afm: samples_<step>[_student].npz and .png from the latest G EMA
+  (in <workdir>/afm/samples on FARMER's latents)."""
   trainer, state = restore_latest(config, workdir)
   with jax.set_mesh(trainer.mesh):
-    return trainer.sample(state, workdir)
-
+    return trainer.sample(state, output_dir(config, workdir))

@@ -123,6 +123,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Adversarial Flow Models (SPEC sec. 7, farmer_jax/afm.py): a one-step generator G(eps, c) and a
   # discriminator D(x, c), transformers over patch tokens, used with phase="afm".
   c.afm = dict(
+      # What G generates: "pixels" of config.data, or "farmer_latent": the informative latents
+      # z^I of the trained FARMER workdir (config.model must be its model), standardised per
+      # channel, tokens in their spatial grid; sampled images get z^R from FARMER's shared GMM and
+      # are decoded by its distilled student or exact inverse (sample.decoder). farmer_latent
+      # keeps its checkpoints, logs and samples in <workdir>/afm (farmer_jax/afm_latent.py).
+      target="pixels",
+      farmer_workdir=placeholder(str),  # farmer_latent: the FARMER workdir (None: --workdir)
+      farmer_step=placeholder(int),  # its checkpoint (None: the student's teacher step, else latest)
+      stats_batches=20,          # ours: batches of batch_size whose latents give mean / std
       batch_size=placeholder(int),
       num_steps=placeholder(int),
       patch_size=placeholder(int),

@@ -65,6 +65,26 @@ def denoise(model: farmer.Farmer, params, images: jax.Array, labels: jax.Array,
   return images + sigma ** 2 * jax.grad(log_p)(images)
 
 
+def batch_sampler(model: farmer.Farmer, sampler: prior.SamplerConfig = prior.SamplerConfig(),
+                  student_flow: flow.Flow | None = None, denoise_sigma: float = 0.0):
+  """FARMER's sampler of one batch, to be jitted: fn(params, student_params, key, labels [B]) ->
+  images [B, H, W, C] in [-1, 1]. The AR prior draws the latents (KV-cached); the exact inverse
+  decodes them, or `student_flow` (with student_params) in one parallel pass per block."""
+  def sample_fn(p, sp, k, y):
+    if student_flow is None:
+      images = model.apply({"params": p}, k, y, sampler, method=farmer.Farmer.sample)
+    else:
+      y = model.apply({"params": p}, y, method=farmer.Farmer.sample_labels)
+      z = model.apply({"params": p}, k, y, sampler, method=farmer.Farmer.sample_latents)
+      x = student_flow.apply({"params": sp}, z, y, method=flow.Flow.student_inverse)
+      c = model.config
+      images = jnp.clip(farmer.unpatchify(x, c.patch_size, c.image_size, c.channels), -1.0, 1.0)
+    if denoise_sigma > 0:
+      images = jnp.clip(denoise(model, p, images, y, denoise_sigma), -1.0, 1.0)
+    return images
+  return sample_fn
+
+
 def generate(model: farmer.Farmer, params, labels: np.ndarray, key: jax.Array, *,
              batch_size: int, sampler: prior.SamplerConfig = prior.SamplerConfig(),
              denoise_sigma: float = 0.0, progress: bool = True,
@@ -79,20 +99,8 @@ def generate(model: farmer.Farmer, params, labels: np.ndarray, key: jax.Array, *
   pass per block instead of the exact sequential inverse (SPEC sec. 6); the same `key` draws the
   same latents either way. `as_float`: float32 images in [-1, 1] instead of uint8 levels.
   """
-  def sample_fn(p, sp, k, y):
-    if sp is None:
-      images = model.apply({"params": p}, k, y, sampler, method=farmer.Farmer.sample)
-    else:
-      y = model.apply({"params": p}, y, method=farmer.Farmer.sample_labels)
-      z = model.apply({"params": p}, k, y, sampler, method=farmer.Farmer.sample_latents)
-      x = student[0].apply({"params": sp}, z, y, method=flow.Flow.student_inverse)
-      c = model.config
-      images = jnp.clip(farmer.unpatchify(x, c.patch_size, c.image_size, c.channels), -1.0, 1.0)
-    if denoise_sigma > 0:
-      images = jnp.clip(denoise(model, p, images, y, denoise_sigma), -1.0, 1.0)
-    return images
-
-  sample_fn = jax.jit(sample_fn, out_shardings=out_sharding)
+  sample_fn = jax.jit(batch_sampler(model, sampler, None if student is None else student[0],
+                                    denoise_sigma), out_shardings=out_sharding)
   student_params = None if student is None else student[1]
   out, start_time = [], time.perf_counter()
   for start in range(0, len(labels), batch_size):

@@ -51,10 +51,12 @@ _SECTIONS = {
             "learning_rate", "min_learning_rate", "warmup_steps", "b1", "b2", "weight_decay",
             "grad_clip", "ema_decay", "lambda_ot_max", "lambda_ot_min", "r_fraction", "r_eps",
             "r_weight", "center_weight", "grad_norm", "skip_nonfinite", "log_every",
-            "checkpoint_every", "keep_checkpoints", "eval_every"},
+            "checkpoint_every", "keep_checkpoints", "eval_every", "target", "farmer_workdir",
+            "farmer_step", "stats_batches"},
 }
 _TOP_LEVEL = {"seed", "phase", "model", *_SECTIONS}
 DECODERS = ("auto", "exact", "student")
+AFM_TARGETS = ("pixels", "farmer_latent")   # SPEC sec. 7: a data set's pixels, FARMER's z^I
 
 
 def _checker(config: ml_collections.ConfigDict):
@@ -103,8 +105,18 @@ def validate_afm(config: ml_collections.ConfigDict) -> None:
             "log_every", "checkpoint_every", "keep_checkpoints", "eval_every"):
     need(isinstance(a[f], int) and a[f] > 0, f"afm.{f}", "must be a positive integer")
   need(a.width % a.head_dim == 0, "afm.width", f"must be a multiple of afm.head_dim = {a.head_dim}")
-  need(config.data.image_size % a.patch_size == 0, "afm.patch_size",
-       f"must divide data.image_size = {config.data.image_size}")
+  need(a.target in AFM_TARGETS, "afm.target", f"must be one of {AFM_TARGETS}")
+  if a.target == "pixels":
+    need(config.data.image_size % a.patch_size == 0, "afm.patch_size",
+         f"must divide data.image_size = {config.data.image_size}")
+  else:   # the grid of FARMER latent tokens, image_size / model.patch_size on a side
+    grid = config.data.image_size // (config.model.patch_size or 1)
+    need(grid % a.patch_size == 0, "afm.patch_size",
+         f"must divide FARMER's token grid side data.image_size / model.patch_size = {grid}")
+    need(isinstance(a.stats_batches, int) and a.stats_batches > 0, "afm.stats_batches",
+         "must be a positive integer")
+    need(a.farmer_step is None or (isinstance(a.farmer_step, int) and a.farmer_step > 0),
+         "afm.farmer_step", "must be a positive integer or None (the latest checkpoint)")
   _check_optimizer(need, "afm", a)
   need(0 <= a.lambda_ot_min <= a.lambda_ot_max, "afm.lambda_ot_min",
        "must be in [0, afm.lambda_ot_max] (paper: 0.005 and 0.2)")
@@ -452,19 +464,25 @@ _MODEL_NOT_IDENTITY = ("remat", "dtype")
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
-                         record: bool = True) -> None:
+                         record: bool = True, extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
+                         ) -> None:
   """Records config.json on first use (unless not `record`); later runs must keep the model and
   data the same, so that a mismatch is a clear error rather than a shape failure deep inside a
-  checkpoint restore."""
+  checkpoint restore. `extra`: (section, fields) pairs that must match too where the saved
+  config has them (AFM's network sizes)."""
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json_best_effort())
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    for section, keys in (("model", None), ("data", _DATA_IDENTITY)):
+    checks = [("model", None, False), ("data", _DATA_IDENTITY, False)]
+    checks += [(section, keys, True) for section, keys in extra]
+    for section, keys, only_saved in checks:
       for key in sorted(keys or set(saved.get(section, {})) | set(current[section])):
         if section == "model" and key in _MODEL_NOT_IDENTITY:
           continue
+        if only_saved and key not in saved.get(section, {}):
+          continue   # a field older workdirs did not record
         old, new = saved.get(section, {}).get(key), current[section].get(key)
         if old != new:
           raise ValueError(
@@ -579,15 +597,16 @@ def run_steps(state: TrainState, step_fn, *, start: int, end: int, t: ml_collect
 
 
 def restore_latest_checkpoint(config, workdir: str, abstract_state, what: str = "",
-                              config_file: str = "..."):
+                              config_file: str = "...", extra=()):
   """The latest checkpoint of `workdir` onto `abstract_state`'s shardings, after checking the
-  config against the workdir's; a clear error when there is none."""
+  config against the workdir's (`extra` as in `check_workdir_config`); a clear error when there
+  is none."""
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(
         f"no {what}checkpoint in {ckpt.directory}: train first with python -m "
         f"farmer_jax.main --config={config_file} --workdir={workdir}")
-  check_workdir_config(config, workdir, record=False)
+  check_workdir_config(config, workdir, record=False, extra=extra)
   state = ckpt.restore(abstract_state)
   ckpt.close()
   return state

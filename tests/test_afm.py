@@ -9,8 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import afm_digits
-from farmer_jax import afm, checkpoint, sharding
+from configs import afm_digits, afm_farmer_latent
+from farmer_jax import afm, checkpoint, sharding, train
 
 A = ml_collections.ConfigDict(dict(r_fraction=0.25, r_eps=0.01, r_weight=0.25, center_weight=0.01,
                                    num_steps=100, lambda_ot_max=0.2, lambda_ot_min=0.005))
@@ -147,7 +147,7 @@ def one_step(devices):
     state = trainer.init()
     g0 = jax.device_get(state.g.params)
     new, scalars = trainer.step(state, sharding.to_global(batch, trainer.mesh, trainer.rules),
-                                jax.random.key(0))
+                                jax.random.key(0), trainer.target.params)
   return g0, jax.device_get(new), jax.device_get(scalars)
 
 
@@ -193,6 +193,7 @@ def test_resume_reproduces_the_uninterrupted_run_and_samples(tmp_path):
     ("lambda_ot_min", 0.5, "config.afm.lambda_ot_min"),
     ("patch_size", 3, "config.afm.patch_size = 3: must divide data.image_size"),
     ("num_steps", None, "config.afm.num_steps = None"),
+    ("target", "voxels", "config.afm.target = 'voxels': must be one of"),
 ])
 def test_config_errors_name_the_field(field, value, match):
   with pytest.raises(ValueError, match=match):
@@ -204,3 +205,16 @@ def test_trainer_needs_phase_afm():
   c.phase = "train"
   with pytest.raises(ValueError, match="config.phase = 'train'"):
     afm.AFMTrainer(c)
+
+
+def test_imagenet_latent_variant_is_afm_xl_sized():
+  """configs/afm_farmer_latent.py:imagenet256_1p9b validates, and its G over FARMER-1.9B's 16x16
+  grid of 128 informative channels has the size of AFM's XL (DiT-XL: 675M parameters)."""
+  c = afm_farmer_latent.get_config("imagenet256_1p9b")
+  train.validate_config(c)
+  net = afm.NetConfig.from_config(c, (16, 16, c.model.d_informative))
+  assert net.num_tokens == 256 and net.token_dim == 128
+  shapes = jax.eval_shape(lambda: afm.Generator(net).init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 128)), jnp.zeros((1,), jnp.int32)))
+  count = sum(x.size for x in jax.tree.leaves(shapes))
+  assert 0.95 * 675e6 < count < 1.05 * 675e6, count

@@ -1,5 +1,7 @@
 """One-step distillation of the AF inverse (farmer_jax/distill.py, SPEC sec. 6): the student's
-initialisation, the loss of Algorithm 2, a run that lowers it, resume, sampling, errors, sharding."""
+initialisation, the loss of Algorithm 2, a run that lowers it, resume, sampling, errors, sharding.
+Also AFM on FARMER's latents (farmer_jax/afm_latent.py), which needs the same trained and
+distilled workdir (kept in this file so that the workdir is trained once)."""
 import json
 import os
 
@@ -8,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits
-from farmer_jax import checkpoint, distill, input_pipeline, train
+from configs import afm_farmer_latent, digits
+from farmer_jax import afm, afm_latent, checkpoint, distill, input_pipeline, sharding, train
 from farmer_jax.models import farmer, flow
 
 
@@ -242,3 +244,78 @@ def test_sharded_distill_step_matches_one_device(teacher_dir):
   lr = tiny_distill().distill.learning_rate
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.1 * lr),
                runs["sharded"][1], runs["one"][1])
+
+
+# ------------------------------------------------------------------ AFM on FARMER's latents
+
+
+def tiny_latent(**afm_fields):
+  c = afm_farmer_latent.get_config("tiny")
+  c.afm.update(afm_fields)
+  return c
+
+
+def test_latent_target_standardises_and_decodes_what_it_encodes(distilled, tmp_path):
+  workdir, _ = distilled
+  c = tiny_latent(farmer_workdir=workdir)
+  c.sample.decoder = "exact"
+  target = afm_latent.FarmerLatentTarget(c, str(tmp_path))
+  assert target.shape == (4, 4, 2) and not target.use_student
+  rules = sharding.rules_from_config(c.sharding.rules)
+  batch_size = c.afm.batch_size
+  with jax.set_mesh(target.mesh):
+    target.prepare(rules, batch_size, c.seed, create=True)
+    with open(os.path.join(str(tmp_path), "afm", "latent_stats.json")) as f:
+      stats = json.load(f)
+    assert stats["farmer"] == {"workdir": os.path.abspath(workdir), "step": TEACHER_STEP,
+                               "decoder": "exact"}
+    assert stats["num_images"] == c.afm.stats_batches * batch_size
+    # The statistics' own batches and keys, encoded: mean 0 and std 1 in every channel.
+    data = input_pipeline.train_iterator(c.data, global_batch_size=batch_size, seed=c.seed + 7)
+    encode = jax.jit(target.encode)
+    batches = [next(data) for _ in range(c.afm.stats_batches)]
+    xs = [encode(target.params, b, jax.random.fold_in(jax.random.key(c.seed + 7), i))
+          for i, b in enumerate(batches)]
+    flat = np.concatenate(xs).reshape(-1, 2)
+    np.testing.assert_allclose(flat.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(flat.std(0), 1.0, atol=1e-4)
+    assert np.abs(np.asarray(stats["mean"])).max() > 1e-3   # a real shift was removed
+    # Decoding keeps z^I: the decoded images, encoded again (AF forward), give back G's input.
+    labels = jnp.asarray(batches[0]["label"])
+    images = jax.jit(target.decode)(target.params, xs[0], labels, jax.random.key(4))
+    z = target.model.apply({"params": target.params["farmer"]}, images, labels,
+                           method=farmer.Farmer.encode)
+    back = (afm_latent.to_grid(z[..., :2], 4) - target.params["mean"]) / target.params["std"]
+    np.testing.assert_allclose(back, xs[0], atol=2e-3)
+    # Token i of the natural order sits at grid row i // 4, column i % 4.
+    np.testing.assert_array_equal(afm_latent.to_grid(z, 4)[:, 1, 2], z[:, 6])
+
+
+def test_afm_on_latents_trains_samples_and_guards_its_farmer(distilled, tmp_path):
+  workdir, _ = distilled
+  out = str(tmp_path)
+  c = tiny_latent(farmer_workdir=workdir)            # decoder auto: the student is there
+  state = afm.train_and_evaluate(c, out)
+  assert int(state.step) == c.afm.num_steps
+  afm_dir = os.path.join(out, "afm")
+  with open(os.path.join(afm_dir, "farmer.json")) as f:
+    assert json.load(f)["decoder"] == "student"
+  log = [json.loads(line) for line in open(os.path.join(afm_dir, "train_log.jsonl"))]
+  assert [r["step"] for r in log] == [2, 4] and all(np.isfinite(r["g_loss"]) for r in log)
+  student = np.load(os.path.join(afm_dir, "samples", "samples_4_student.npz"))
+  assert student["images"].shape == (20, 8, 8, 1) and student["images"].std() > 0
+  # --mode=sample with the exact inverse: the same G draws and z^R, decoded the other way.
+  c.sample.decoder = "exact"
+  exact_npz = afm.sample_latest(c, out)
+  assert exact_npz.endswith("samples_4.npz")
+  diff = np.abs(np.load(exact_npz)["images"].astype(int) - student["images"].astype(int))
+  assert diff.mean() < 1.0 and diff.max() > 0
+  other_step = tiny_latent(farmer_workdir=workdir, farmer_step=10)
+  other_step.sample.decoder = "exact"
+  with pytest.raises(ValueError, match="trained on the latents of"):
+    afm.train_and_evaluate(other_step, out)
+  wider = tiny_latent(farmer_workdir=workdir, width=64)
+  with pytest.raises(ValueError, match="config.afm.width = 64"):
+    afm.train_and_evaluate(wider, out)
+  with pytest.raises(ValueError, match="FARMER's token grid side"):
+    train.validate_config(tiny_latent(patch_size=3))

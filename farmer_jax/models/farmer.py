@@ -250,6 +250,20 @@ class Farmer(nn.Module):
       return jnp.full_like(labels_B, self.config.num_classes)
     return labels_B
 
+  def encode(self, images_BxHxWxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+    """Images in [-1, 1] -> latents z [B, N, d] in natural token order (the AF forward, one
+    parallel pass per block; `labels_B` only reach a class-conditional AF)."""
+    x_BxNxD = patchify(images_BxHxWxC.astype(jnp.float32), self.config.patch_size)
+    return self.flow(x_BxNxD, self.sample_labels(labels_B))[0]
+
+  def complete_latents(self, key: jax.Array, z_inf_BxNxI: jax.Array, labels_B: jax.Array,
+                       sampler: prior.SamplerConfig = prior.SamplerConfig()) -> jax.Array:
+    """Informative latents z^I [B, N, d_I] (natural order) -> z [B, N, d] (natural order), the
+    redundant channels drawn from the shared GMM of one parallel prior pass (`Prior.complete`).
+    `labels_B` as returned by `sample_labels`."""
+    z_BxNxD = self.prior.complete(key, self._to_prior_order(z_inf_BxNxI), labels_B, sampler)
+    return self._to_prior_order(z_BxNxD)
+
   def sample_latents(self, key: jax.Array, labels_B: jax.Array,
                      sampler: prior.SamplerConfig = prior.SamplerConfig(),
                      recompute: bool = False) -> jax.Array:

@@ -225,7 +225,26 @@ class Prior(nn.Module):
     key, k_red = jax.random.split(key)
     init = (jnp.int32(0), jnp.zeros((b, n, self.d_informative), jnp.float32), key)
     _, z_inf, _ = nn.while_loop(lambda _, c: c[0] < n, step, self, init)
-    return self._with_redundant(k_red, z_inf, self.hidden(both(z_inf), labels)[:, -1], s)
+    return self.complete(k_red, z_inf, labels_B, s)
+
+  def complete(self, key: jax.Array, z_inf_BxNxI: jax.Array, labels_B: jax.Array,
+               s: SamplerConfig) -> jax.Array:
+    """Given informative latents z^I [B, N, d_I] (prior order) from anywhere, draws the redundant
+    channels from the shared GMM G_{N+1} after one parallel causal pass over them (with guidance,
+    the conditional and null-class branches as one batch of 2B) -> z [B, N, D].
+
+    With `key` the redundant key of `decode` (its second split), this is exactly `decode`'s last
+    step; an AFM generator's z^I takes it with no token loop (SPEC sec. 7, farmer_jax/afm_latent.py).
+    """
+    z_inf_BxNxI = z_inf_BxNxI.astype(jnp.float32)
+    if self.d_redundant == 0:
+      return z_inf_BxNxI
+    if s.guidance != "none":
+      labels = jnp.concatenate([labels_B, jnp.full_like(labels_B, self.null_class)])
+      z_in = jnp.concatenate([z_inf_BxNxI, z_inf_BxNxI])
+    else:
+      labels, z_in = labels_B, z_inf_BxNxI
+    return self._with_redundant(key, z_inf_BxNxI, self.hidden(z_in, labels)[:, -1], s)
 
   def _with_redundant(self, key, z_inf_BxNxI, h_last, s: SamplerConfig) -> jax.Array:
     """Appends redundant channels drawn from G_{N+1} (params from h_last) -> z [B, N, D]."""
