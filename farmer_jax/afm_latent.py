@@ -98,9 +98,8 @@ class FarmerLatentTarget:
     self.mesh = self.trainer.mesh
     repl = sharding.replicated(self.mesh)
     self.params = {"farmer": self.trainer.eval_params(state)}
-    self.param_shardings = {"farmer": (self.trainer.state_shardings.ema_params
-                                       if config.train.ema_decay > 0
-                                       else self.trainer.state_shardings.params)}
+    self.param_shardings = {"farmer": getattr(self.trainer.state_shardings,
+                                              self.trainer.eval_field)}
     del state
     if self.use_student:
       self.params["student"] = student_params
@@ -122,7 +121,7 @@ class FarmerLatentTarget:
       raise FileNotFoundError(f"config.afm.farmer_step = {step}: no such checkpoint in "
                               f"{ckpt.directory} (available: {steps})")
     train.check_workdir_config(self.config, farmer_dir, record=False)
-    state = ckpt.restore(self.trainer.abstract_state, step)
+    state = self.trainer.restore_eval_state(ckpt, step)
     ckpt.close()
     return state, {"workdir": farmer_dir, "step": int(step)}
 

@@ -47,6 +47,28 @@ class Checkpointer:
     logging.info("restoring checkpoint step %d from %s", step, self.directory)
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+  def restore_fields(self, abstract_state, fields: tuple[str, ...], step: int | None = None) -> dict:
+    """Only `fields` of a saved state (e.g. ("step", "ema_params")), each onto the shardings of
+    `abstract_state`'s field: the rest (the optimiser's moments, the raw weights) is never read,
+    so a frozen teacher costs its weights once, not four times. -> {field: value}."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    subset = {f: getattr(abstract_state, f) for f in fields}
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+        subset)
+    logging.info("restoring %s of checkpoint step %d from %s", ", ".join(fields), step,
+                 self.directory)
+    # A manager of its own: one that has restored with StandardRestore refuses PyTreeRestore.
+    manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False))
+    try:
+      return manager.restore(step, args=ocp.args.PyTreeRestore(
+          item=subset, restore_args=restore_args, partial_restore=True))
+    finally:
+      manager.close()
+
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
 

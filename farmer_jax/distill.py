@@ -283,7 +283,8 @@ def _read_json(path: str) -> dict | None:
 
 def restore_teacher(config: ml_collections.ConfigDict, workdir: str,
                     trainer: train.Trainer) -> tuple[TrainState, dict]:
-  """The frozen teacher's state and {"workdir", "step"}: `distill.teacher_workdir` (default
+  """The frozen teacher (its step and eval weights only: `Trainer.restore_eval_state`) and
+  {"workdir", "step"}: `distill.teacher_workdir` (default
   `workdir`) at `distill.teacher_step` (default: the step recorded when this student started, else
   the latest). Clear errors for a missing checkpoint, another config, or another teacher than
   the one an existing student was distilled from."""
@@ -307,7 +308,7 @@ def restore_teacher(config: ml_collections.ConfigDict, workdir: str,
     raise FileNotFoundError(f"config.distill.teacher_step = {step}: no such checkpoint in "
                             f"{ckpt.directory} (available: {steps})")
   train.check_workdir_config(config, teacher_dir, record=False)
-  state = ckpt.restore(trainer.abstract_state, step)
+  state = trainer.restore_eval_state(ckpt, step)   # its eval weights only
   ckpt.close()
   return state, {"workdir": teacher_dir, "step": int(step)}
 
@@ -369,7 +370,6 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   with jax.set_mesh(dist.mesh):
     teacher_state, info = restore_teacher(config, workdir, dist.trainer)
     teacher_params = dist.trainer.eval_params(teacher_state)
-    del teacher_state   # the optimiser state and the other copy of the weights are not needed
     train.check_workdir_config(config, out_dir)
     metrics.write_json(os.path.join(out_dir, "teacher.json"), info)
     ckpt = checkpoint.Checkpointer(out_dir, max_to_keep=d.keep_checkpoints)
@@ -398,13 +398,6 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         eval_fn=lambda s: dist.evaluate(s, teacher_params, out_dir, writer), section="distill")
     def final(state):
       dist.evaluate(state, teacher_params, out_dir, writer)
-      dist.trainer.sample(_at_step(state.step, teacher_params), out_dir, writer,
+      dist.trainer.sample(train.eval_state(state.step, teacher_params), out_dir, writer,
                           student=(dist.student, dist.student_params(state)))
     return train.finish_run(state, preempted, d.num_steps, ckpt, writer, final)
-
-
-def _at_step(step, params) -> TrainState:
-  """A state holding the teacher's params for `Trainer.sample` (which reads eval params and step),
-  so that student samples are named after the student's step."""
-  return TrainState(step=step, params=params, ema_params=params, opt_state=None,
-                    nonfinite_step=jnp.int32(-1))

@@ -188,6 +188,13 @@ class TrainState:
   nonfinite_step: jax.Array
 
 
+def eval_state(step, params) -> TrainState:
+  """A state that holds only weights to evaluate or sample with (`params` = `ema_params`, no
+  optimiser state), for the functions that take a TrainState."""
+  return TrainState(step=step, params=params, ema_params=params, opt_state=None,
+                    nonfinite_step=jnp.int32(-1))
+
+
 def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warm-up to `learning_rate`, cosine decay to `min_learning_rate` (SPEC sec. 8)."""
   return optax.warmup_cosine_decay_schedule(
@@ -390,8 +397,19 @@ class Trainer:
       return self.init()
     return ckpt.restore(self.abstract_state)
 
+  @property
+  def eval_field(self) -> str:
+    """The TrainState field that evaluates and samples: the EMA unless train.ema_decay is 0."""
+    return "ema_params" if self.config.train.ema_decay > 0 else "params"
+
   def eval_params(self, state: TrainState):
-    return state.ema_params if self.config.train.ema_decay > 0 else state.params
+    return getattr(state, self.eval_field)
+
+  def restore_eval_state(self, ckpt: checkpoint.Checkpointer, step: int) -> TrainState:
+    """Step `step` of `ckpt` for evaluation, sampling or as a frozen teacher: only its step and
+    eval params are read (`params` and `ema_params` both hold them, no optimiser state)."""
+    fields = ckpt.restore_fields(self.abstract_state, ("step", self.eval_field), step)
+    return eval_state(fields["step"], fields[self.eval_field])
 
   def evaluate(self, state: TrainState, workdir: str, writer=None) -> dict:
     """Test-split bpd with uniform dequantisation (fixed seed); writes eval/metrics.json."""

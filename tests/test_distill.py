@@ -126,6 +126,12 @@ def test_student_starts_as_the_teacher(teacher_dir):
     teacher_flow = dist.trainer.eval_params(teacher_state)["flow"]
     state = dist.init(teacher_flow)
   assert info["step"] == TEACHER_STEP
+  # Only the teacher's eval weights were read; they are the full checkpoint's.
+  assert teacher_state.opt_state is None and int(teacher_state.step) == TEACHER_STEP
+  full = checkpoint.Checkpointer(teacher_dir, read_only=True).restore(dist.trainer.abstract_state,
+                                                                      TEACHER_STEP)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), teacher_flow,
+               full.ema_params["flow"])
   assert int(state.step) == 0
   for got in (state.params, state.ema_params):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, teacher_flow)
