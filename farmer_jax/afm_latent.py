@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from farmer_jax import checkpoint, distill, input_pipeline, metrics, sample, sharding, train
+from farmer_jax import distill, input_pipeline, metrics, sample, sharding, train
 from farmer_jax.models import farmer, flow
 
 STATS_FILE = "latent_stats.json"
@@ -81,7 +81,9 @@ class FarmerLatentTarget:
     else:
       self.trainer = train.Trainer(config, devices)
       self.student = None
-      state, info = self._restore_farmer(farmer_dir, a.farmer_step or (recorded or {}).get("step"))
+      state, info = train.restore_frozen(
+          config, self.trainer, farmer_dir, a.farmer_step or (recorded or {}).get("step"),
+          what="FARMER", workdir_field="afm.farmer_workdir", step_field="afm.farmer_step")
     info["decoder"] = "student" if self.use_student else "exact"
     if recorded and (recorded["workdir"], recorded["step"]) != (info["workdir"], info["step"]):
       raise ValueError(
@@ -107,23 +109,6 @@ class FarmerLatentTarget:
     self.param_shardings.update(mean=repl, std=repl)
     # One AF forward per real image (encoding) on top of G and D.
     self.flops_per_example = farmer.forward_flops_per_example(c)["af"]
-
-  def _restore_farmer(self, farmer_dir: str, step: int | None):
-    ckpt = checkpoint.Checkpointer(farmer_dir, read_only=True)
-    steps = sorted(ckpt.manager.all_steps())
-    if not steps:
-      raise FileNotFoundError(
-          f"no FARMER checkpoint in {ckpt.directory}: train FARMER first (python -m "
-          f"farmer_jax.main --config=configs/digits.py --workdir={farmer_dir}), or point "
-          f"config.afm.farmer_workdir at a trained workdir")
-    step = step or steps[-1]
-    if step not in steps:
-      raise FileNotFoundError(f"config.afm.farmer_step = {step}: no such checkpoint in "
-                              f"{ckpt.directory} (available: {steps})")
-    train.check_workdir_config(self.config, farmer_dir, record=False)
-    state = self.trainer.restore_eval_state(ckpt, step)
-    ckpt.close()
-    return state, {"workdir": farmer_dir, "step": int(step)}
 
   # -- the maps G's space <-> images (traced inside the jitted AFM step and sampler) ------------
 

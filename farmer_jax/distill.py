@@ -291,26 +291,18 @@ def restore_teacher(config: ml_collections.ConfigDict, workdir: str,
   d = config.distill
   recorded = _read_json(os.path.join(subdir(workdir), "teacher.json"))
   teacher_dir = _abs(d.teacher_workdir or (recorded or {}).get("workdir") or workdir)
-  ckpt = checkpoint.Checkpointer(teacher_dir, read_only=True)
-  steps = sorted(ckpt.manager.all_steps())
-  if not steps:
-    raise FileNotFoundError(
-        f"no teacher checkpoint in {ckpt.directory}: train FARMER first (python -m "
-        f"farmer_jax.main --config=... --workdir={teacher_dir}), or point "
-        f"config.distill.teacher_workdir at a trained workdir")
-  step = d.teacher_step or (recorded or {}).get("step") or steps[-1]
-  if recorded and (recorded["workdir"], recorded["step"]) != (teacher_dir, step):
-    raise ValueError(
-        f"the student in {subdir(workdir)} was distilled from {recorded['workdir']} step "
-        f"{recorded['step']}, not {teacher_dir} step {step}; use a new --workdir or remove "
-        f"{subdir(workdir)} to start over")
-  if step not in steps:
-    raise FileNotFoundError(f"config.distill.teacher_step = {step}: no such checkpoint in "
-                            f"{ckpt.directory} (available: {steps})")
-  train.check_workdir_config(config, teacher_dir, record=False)
-  state = trainer.restore_eval_state(ckpt, step)   # its eval weights only
-  ckpt.close()
-  return state, {"workdir": teacher_dir, "step": int(step)}
+
+  def check_step(step):
+    if recorded and (recorded["workdir"], recorded["step"]) != (teacher_dir, step):
+      raise ValueError(
+          f"the student in {subdir(workdir)} was distilled from {recorded['workdir']} step "
+          f"{recorded['step']}, not {teacher_dir} step {step}; use a new --workdir or remove "
+          f"{subdir(workdir)} to start over")
+
+  return train.restore_frozen(config, trainer, teacher_dir,
+                              d.teacher_step or (recorded or {}).get("step"), what="teacher",
+                              workdir_field="distill.teacher_workdir",
+                              step_field="distill.teacher_step", check_step=check_step)
 
 
 def has_student(workdir: str) -> bool:

@@ -630,6 +630,32 @@ def restore_latest_checkpoint(config, workdir: str, abstract_state, what: str = 
   return state
 
 
+def restore_frozen(config, trainer: Trainer, workdir: str, step: int | None, *, what: str,
+                   workdir_field: str, step_field: str, check_step=None
+                   ) -> tuple[TrainState, dict]:
+  """A trained FARMER used frozen (distillation's teacher, AFM's latent space): step `step`
+  (None: the latest) of `workdir`, its step and eval weights only, after checking the config
+  against the workdir's. `check_step(step)` may refuse the step first. Clear errors name
+  `workdir_field` / `step_field`. -> (state, {"workdir", "step"})."""
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  steps = sorted(ckpt.manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(
+        f"no {what} checkpoint in {ckpt.directory}: train FARMER first (python -m "
+        f"farmer_jax.main --config=... --workdir={workdir}), or point config.{workdir_field} at "
+        f"a trained workdir")
+  step = step or steps[-1]
+  if check_step is not None:
+    check_step(step)
+  if step not in steps:
+    raise FileNotFoundError(f"config.{step_field} = {step}: no such checkpoint in "
+                            f"{ckpt.directory} (available: {steps})")
+  check_workdir_config(config, workdir, record=False)
+  state = trainer.restore_eval_state(ckpt, step)
+  ckpt.close()
+  return state, {"workdir": workdir, "step": int(step)}
+
+
 def restore_latest(config, workdir: str) -> tuple[Trainer, TrainState]:
   """The Trainer of `config` and the latest checkpoint of `workdir` (evaluate, sample, fid modes)."""
   trainer = Trainer(config)
