@@ -15,7 +15,8 @@ so a whole image takes a few parallel passes and no token-by-token loop. mean / 
 measured once, over `afm.stats_batches` training batches of `afm.batch_size` (pooled over tokens
 and images), and kept in <workdir>/afm/latent_stats.json with the FARMER checkpoint they belong to.
 
-Which FARMER: `afm.farmer_workdir` (default --workdir) at `afm.farmer_step`. The decoder follows
+Which FARMER: `afm.farmer_workdir` (default: the one recorded in <workdir>/afm/farmer.json, else
+--workdir) at `afm.farmer_step`. The decoder follows
 `sample.decoder`: "auto" takes the student in <farmer workdir>/distill when there is one, and then
 the FARMER step is the one the student was distilled from. The choice is recorded in
 <workdir>/afm/farmer.json; a resumed run with another FARMER is refused.
@@ -62,10 +63,10 @@ class FarmerLatentTarget:
     a = config.afm
     self.config = config
     self.out_dir = subdir(workdir)
-    farmer_dir = distill._abs(a.farmer_workdir or workdir)
+    recorded = distill._read_json(os.path.join(self.out_dir, FARMER_FILE))
+    farmer_dir = distill._abs(a.farmer_workdir or (recorded or {}).get("workdir") or workdir)
     decoder = config.sample.get("decoder", "auto")
     self.use_student = decoder == "student" or (decoder == "auto" and distill.has_student(farmer_dir))
-    recorded = distill._read_json(os.path.join(self.out_dir, FARMER_FILE))
     if self.use_student:
       dist, state, student_state, info = distill.restore_student(config, farmer_dir)
       self.trainer = dist.trainer

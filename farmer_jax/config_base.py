@@ -129,7 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
       # are decoded by its distilled student or exact inverse (sample.decoder). farmer_latent
       # keeps its checkpoints, logs and samples in <workdir>/afm (farmer_jax/afm_latent.py).
       target="pixels",
-      farmer_workdir=placeholder(str),  # farmer_latent: the FARMER workdir (None: --workdir)
+      farmer_workdir=placeholder(str),  # farmer_latent: the FARMER workdir (None: the recorded one, else --workdir)
       farmer_step=placeholder(int),  # its checkpoint (None: the student's teacher step, else latest)
       stats_batches=20,          # ours: batches of batch_size whose latents give mean / std
       batch_size=placeholder(int),
