@@ -615,17 +615,18 @@ def run_steps(state: TrainState, step_fn, *, start: int, end: int, t: ml_collect
 
 
 def restore_latest_checkpoint(config, workdir: str, abstract_state, what: str = "",
-                              config_file: str = "...", extra=()):
+                              config_file: str = "...", extra=(), restore=None):
   """The latest checkpoint of `workdir` onto `abstract_state`'s shardings, after checking the
   config against the workdir's (`extra` as in `check_workdir_config`); a clear error when there
-  is none."""
+  is none. `restore(ckpt, step)` replaces the full restore (e.g. `Trainer.restore_eval_state`)."""
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   if ckpt.latest_step() is None:
     raise FileNotFoundError(
         f"no {what}checkpoint in {ckpt.directory}: train first with python -m "
         f"farmer_jax.main --config={config_file} --workdir={workdir}")
   check_workdir_config(config, workdir, record=False, extra=extra)
-  state = ckpt.restore(abstract_state)
+  state = (restore(ckpt, ckpt.latest_step()) if restore is not None
+           else ckpt.restore(abstract_state))
   ckpt.close()
   return state
 
@@ -657,9 +658,11 @@ def restore_frozen(config, trainer: Trainer, workdir: str, step: int | None, *, 
 
 
 def restore_latest(config, workdir: str) -> tuple[Trainer, TrainState]:
-  """The Trainer of `config` and the latest checkpoint of `workdir` (evaluate, sample, fid modes)."""
+  """The Trainer of `config` and the latest checkpoint of `workdir`, its eval weights only
+  (evaluate, sample, fid modes)."""
   trainer = Trainer(config)
-  return trainer, restore_latest_checkpoint(config, workdir, trainer.abstract_state)
+  return trainer, restore_latest_checkpoint(config, workdir, trainer.abstract_state,
+                                            restore=trainer.restore_eval_state)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
