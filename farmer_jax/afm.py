@@ -465,9 +465,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains G and D (resuming from the latest checkpoint), sampling every `afm.eval_every` steps
   and at the end; in `workdir`, or <workdir>/afm on FARMER's latents (whose statistics are
   measured first). `stop_after_steps` as in `train.train_and_evaluate`."""
-  trainer = AFMTrainer(config, workdir=workdir)
+  train.validate_config(config)
   a, out_dir = config.afm, output_dir(config, workdir)
+  # Before any weights are read: a resumed run must keep its data, model and AFM sizes.
   train.check_workdir_config(config, out_dir, extra=(("afm", _AFM_IDENTITY),))
+  trainer = AFMTrainer(config, workdir=workdir)
   ckpt = checkpoint.Checkpointer(out_dir, max_to_keep=a.keep_checkpoints)
   writer = metrics.create_writer(out_dir)
   with jax.set_mesh(trainer.mesh):

@@ -67,6 +67,14 @@ class FarmerLatentTarget:
     farmer_dir = distill._abs(a.farmer_workdir or (recorded or {}).get("workdir") or workdir)
     decoder = config.sample.get("decoder", "auto")
     self.use_student = decoder == "student" or (decoder == "auto" and distill.has_student(farmer_dir))
+
+    def check_recorded(step):   # before any weights are read where the step is known
+      if recorded and (recorded["workdir"], recorded["step"]) != (farmer_dir, step):
+        raise ValueError(
+            f"the AFM in {self.out_dir} was trained on the latents of {recorded['workdir']} "
+            f"step {recorded['step']}, not {farmer_dir} step {step}; use a new --workdir or "
+            f"remove {self.out_dir} to start over")
+
     if self.use_student:
       dist, state, student_state, info = distill.restore_student(config, farmer_dir)
       self.trainer = dist.trainer
@@ -84,13 +92,10 @@ class FarmerLatentTarget:
       self.student = None
       state, info = train.restore_frozen(
           config, self.trainer, farmer_dir, a.farmer_step or (recorded or {}).get("step"),
-          what="FARMER", workdir_field="afm.farmer_workdir", step_field="afm.farmer_step")
+          what="FARMER", workdir_field="afm.farmer_workdir", step_field="afm.farmer_step",
+          check_step=check_recorded)
+    check_recorded(info["step"])
     info["decoder"] = "student" if self.use_student else "exact"
-    if recorded and (recorded["workdir"], recorded["step"]) != (info["workdir"], info["step"]):
-      raise ValueError(
-          f"the AFM in {self.out_dir} was trained on the latents of {recorded['workdir']} step "
-          f"{recorded['step']}, not {info['workdir']} step {info['step']}; use a new --workdir "
-          f"or remove {self.out_dir} to start over")
     self.info = info
     self.model_config = c = self.trainer.model_config
     self.model = self.trainer.model

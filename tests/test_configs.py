@@ -2,11 +2,9 @@
 import importlib
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from farmer_jax import config_base, plan, train
-from farmer_jax.models import farmer
 
 
 @pytest.mark.parametrize("name,patch,w,t_pi_v", [
@@ -22,17 +20,6 @@ def test_imagenet_configs_validate_with_table6_sampling(name, patch, w, t_pi_v):
   assert mc.d_informative == config_base.IMAGENET256_D_INFORMATIVE[int(patch)]
 
 
-def test_1p1b_patch16_parameter_counts_match_the_paper():
-  """Paper Table 1: AF 828M, AR 295M. Counted from shapes only (jax.eval_shape), no memory used."""
-  c = importlib.import_module("configs.imagenet256_1p1b").get_config("16")
-  m = farmer.Farmer(train.validate_config(c))
-  shapes = jax.eval_shape(lambda: m.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
-                                         jnp.zeros((1, 256, 256, 3)), jnp.zeros((1,), jnp.int32)))
-  count = lambda tree: sum(a.size for a in jax.tree.leaves(tree))
-  assert abs(count(shapes["params"]["prior"]) / 295e6 - 1) < 0.01
-  assert abs(count(shapes["params"]["flow"]) / 828e6 - 1) < 0.03
-
-
 def test_every_field_without_a_default_must_be_set():
   c = config_base.base_config()
   with pytest.raises(ValueError, match=r"config\.train\.batch_size"):
@@ -45,16 +32,18 @@ def count(name, arg=""):
 
 
 @pytest.mark.parametrize("name,arg,paper", [
-    # Paper Table 1 / supplement. 1.9B: only the total is asserted (see configs/imagenet256_1p9b.py
-    # for why its 1.4B / 498M split does not follow from the stated widths).
-    ("imagenet256_1p1b", "16", {"params_af": 828e6, "params_prior": 295e6, "params_total": 1.1e9}),
-    ("imagenet256_1p9b", "16", {"params_af": 1.4e9, "params_total": 1.9e9}),
-    ("imagenet64_556m", "", {"params_total": 556e6}),
+    # Paper Table 1 / supplement, (count, relative tolerance). 1.1B p16 is given per part (AF
+    # 828M, AR 295M) and matched closely; 1.9B: only the total is asserted (see
+    # configs/imagenet256_1p9b.py for why its 1.4B / 498M split does not follow from the widths).
+    ("imagenet256_1p1b", "16", {"params_af": (828e6, 0.03), "params_prior": (295e6, 0.01),
+                                "params_total": (1.1e9, 0.05)}),
+    ("imagenet256_1p9b", "16", {"params_af": (1.4e9, 0.05), "params_total": (1.9e9, 0.05)}),
+    ("imagenet64_556m", "", {"params_total": (556e6, 0.05)}),
 ])
-def test_plan_parameter_counts_within_5_percent_of_the_paper(name, arg, paper):
+def test_plan_parameter_counts_match_the_paper(name, arg, paper):
   counts = count(name, arg)      # jax.eval_shape: no parameter is allocated
-  for key, value in paper.items():
-    assert abs(counts[key] / value - 1) < 0.05, (key, counts[key], value)
+  for key, (value, rtol) in paper.items():
+    assert abs(counts[key] / value - 1) < rtol, (key, counts[key], value)
 
 
 def test_plan_compiles_the_sharded_step_and_its_flops_agree_with_xla():

@@ -261,20 +261,48 @@ def tiny_latent(**afm_fields):
   return c
 
 
-def test_latent_target_standardises_and_decodes_what_it_encodes(distilled, tmp_path):
+def test_afm_on_latents_trains_samples_guards_its_farmer_and_inverts(distilled, tmp_path):
+  """A tiny AFM run on the distilled workdir's latents, its sample mode, the refusals, and the
+  latent space: standardisation, grid layout and decode against encode."""
   workdir, _ = distilled
-  c = tiny_latent(farmer_workdir=workdir)
+  out = str(tmp_path)
+  c = tiny_latent(farmer_workdir=workdir)            # decoder auto: the student is there
+  state = afm.train_and_evaluate(c, out)
+  assert int(state.step) == c.afm.num_steps
+  afm_dir = os.path.join(out, "afm")
+  with open(os.path.join(afm_dir, "farmer.json")) as f:
+    assert json.load(f)["decoder"] == "student"
+  log = [json.loads(line) for line in open(os.path.join(afm_dir, "train_log.jsonl"))]
+  assert [r["step"] for r in log] == [2, 4] and all(np.isfinite(r["g_loss"]) for r in log)
+  student = np.load(os.path.join(afm_dir, "samples", "samples_4_student.npz"))
+  assert student["images"].shape == (20, 8, 8, 1) and student["images"].std() > 0
+  # --mode=sample with the exact inverse: the same G draws and z^R, decoded the other way.
   c.sample.decoder = "exact"
-  target = afm_latent.FarmerLatentTarget(c, str(tmp_path))
+  exact_npz = afm.sample_latest(c, out)
+  assert exact_npz.endswith("samples_4.npz")
+  diff = np.abs(np.load(exact_npz)["images"].astype(int) - student["images"].astype(int))
+  assert diff.mean() < 1.0 and diff.max() > 0
+  # Refused before any weights are read:
+  other_step = tiny_latent(farmer_workdir=workdir, farmer_step=10)
+  other_step.sample.decoder = "exact"
+  with pytest.raises(ValueError, match="trained on the latents of"):
+    afm.train_and_evaluate(other_step, out)
+  wider = tiny_latent(farmer_workdir=workdir, width=64)
+  with pytest.raises(ValueError, match="config.afm.width = 64"):
+    afm.train_and_evaluate(wider, out)
+  with pytest.raises(ValueError, match="FARMER's token grid side"):
+    train.validate_config(tiny_latent(patch_size=3))
+
+  # The latent space itself, with the run's statistics (exact decoder).
+  target = afm_latent.FarmerLatentTarget(c, out)
   assert target.shape == (4, 4, 2) and not target.use_student
-  rules = sharding.rules_from_config(c.sharding.rules)
   batch_size = c.afm.batch_size
   with jax.set_mesh(target.mesh):
-    target.prepare(rules, batch_size, c.seed, create=True)
-    with open(os.path.join(str(tmp_path), "afm", "latent_stats.json")) as f:
+    target.prepare(sharding.rules_from_config(c.sharding.rules), batch_size, c.seed, create=False)
+    with open(os.path.join(afm_dir, "latent_stats.json")) as f:
       stats = json.load(f)
     assert stats["farmer"] == {"workdir": os.path.abspath(workdir), "step": TEACHER_STEP,
-                               "decoder": "exact"}
+                               "decoder": "student"}
     assert stats["num_images"] == c.afm.stats_batches * batch_size
     # The statistics' own batches and keys, encoded: mean 0 and std 1 in every channel.
     data = input_pipeline.train_iterator(c.data, global_batch_size=batch_size, seed=c.seed + 7)
@@ -295,33 +323,3 @@ def test_latent_target_standardises_and_decodes_what_it_encodes(distilled, tmp_p
     np.testing.assert_allclose(back, xs[0], atol=2e-3)
     # Token i of the natural order sits at grid row i // 4, column i % 4.
     np.testing.assert_array_equal(afm_latent.to_grid(z, 4)[:, 1, 2], z[:, 6])
-
-
-def test_afm_on_latents_trains_samples_and_guards_its_farmer(distilled, tmp_path):
-  workdir, _ = distilled
-  out = str(tmp_path)
-  c = tiny_latent(farmer_workdir=workdir)            # decoder auto: the student is there
-  state = afm.train_and_evaluate(c, out)
-  assert int(state.step) == c.afm.num_steps
-  afm_dir = os.path.join(out, "afm")
-  with open(os.path.join(afm_dir, "farmer.json")) as f:
-    assert json.load(f)["decoder"] == "student"
-  log = [json.loads(line) for line in open(os.path.join(afm_dir, "train_log.jsonl"))]
-  assert [r["step"] for r in log] == [2, 4] and all(np.isfinite(r["g_loss"]) for r in log)
-  student = np.load(os.path.join(afm_dir, "samples", "samples_4_student.npz"))
-  assert student["images"].shape == (20, 8, 8, 1) and student["images"].std() > 0
-  # --mode=sample with the exact inverse: the same G draws and z^R, decoded the other way.
-  c.sample.decoder = "exact"
-  exact_npz = afm.sample_latest(c, out)
-  assert exact_npz.endswith("samples_4.npz")
-  diff = np.abs(np.load(exact_npz)["images"].astype(int) - student["images"].astype(int))
-  assert diff.mean() < 1.0 and diff.max() > 0
-  other_step = tiny_latent(farmer_workdir=workdir, farmer_step=10)
-  other_step.sample.decoder = "exact"
-  with pytest.raises(ValueError, match="trained on the latents of"):
-    afm.train_and_evaluate(other_step, out)
-  wider = tiny_latent(farmer_workdir=workdir, width=64)
-  with pytest.raises(ValueError, match="config.afm.width = 64"):
-    afm.train_and_evaluate(wider, out)
-  with pytest.raises(ValueError, match="FARMER's token grid side"):
-    train.validate_config(tiny_latent(patch_size=3))

@@ -118,7 +118,7 @@ def moments(p):
   return mean, (p * (GRID - mean) ** 2).sum()
 
 
-@pytest.mark.parametrize("w", [0.0, 1.0, 3.0])
+@pytest.mark.parametrize("w", [0.0, 3.0])
 def test_resampling_with_many_candidates_matches_the_target_1d(w):
   s = np.asarray(gmm.resample_cfg(jax.random.key(0), batch(COND_1D), batch(UNCOND_1D), w=w,
                                   num_cond=64, num_uncond=64))[:, 0]

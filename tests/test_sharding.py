@@ -176,7 +176,9 @@ def test_scanned_and_rematerialised_layers_compute_the_same_function():
     return jax.jit(jax.value_and_grad(loss_fn))(p)
 
   loss, grads = loss_and_grads(plain, params)
-  for scan, remat in ((True, "dots"), (False, "full")):
+  # Scanned with a remat policy (the ImageNet configs' path); remat wraps the same layer class
+  # with or without the scan.
+  for scan, remat in ((True, "dots"),):
     variant = farmer.Farmer(dataclasses.replace(mc, scan_layers=scan, remat=remat))
     p = stack_layers(params) if scan else params
     loss_v, grads_v = loss_and_grads(variant, p)
