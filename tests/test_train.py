@@ -167,7 +167,7 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
   workdir = str(tmp_path / "w")
   # A relative --workdir, as in the README (Orbax itself needs absolute paths).
   cmd = [sys.executable, "-m", "farmer_jax.main", f"--config={REPO}/configs/digits.py:tiny",
-         "--workdir=w", "--config.train.num_steps=100", "--config.train.checkpoint_every=20",
+         "--workdir=w", "--config.train.num_steps=60", "--config.train.checkpoint_every=10",
          "--config.eval.every=1000"]
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
              TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO)
@@ -177,15 +177,15 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
   deadline = time.time() + 240
   while time.time() < deadline:
     steps = [d for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(ckdir) else []
-    if any(int(s) >= 40 for s in steps):
+    if any(int(s) >= 20 for s in steps):
       break
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = checkpoint.Checkpointer(workdir, read_only=True).latest_step()
-  assert killed_at is not None and 40 <= killed_at < 100
+  assert killed_at is not None and 20 <= killed_at < 60
   out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"resumed from checkpoint at step {killed_at}" in out.stderr
-  assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 100
+  assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 60
   assert os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
