@@ -63,8 +63,9 @@ class FarmerLatentTarget:
     a = config.afm
     self.config = config
     self.out_dir = subdir(workdir)
-    recorded = distill._read_json(os.path.join(self.out_dir, FARMER_FILE))
-    farmer_dir = distill._abs(a.farmer_workdir or (recorded or {}).get("workdir") or workdir)
+    recorded = distill.read_json(os.path.join(self.out_dir, FARMER_FILE))
+    farmer_dir = distill.abs_workdir(a.farmer_workdir or (recorded or {}).get("workdir")
+                                     or workdir)
     decoder = config.sample.get("decoder", "auto")
     self.use_student = decoder == "student" or (decoder == "auto" and distill.has_student(farmer_dir))
 
@@ -151,7 +152,7 @@ class FarmerLatentTarget:
     """Sets params["mean"] / ["std"] from <workdir>/afm/latent_stats.json; with `create`, measures
     and writes them first when the file is missing (and records farmer.json)."""
     path = os.path.join(self.out_dir, STATS_FILE)
-    stats = distill._read_json(path)
+    stats = distill.read_json(path)
     if stats is None:
       if not create:
         raise FileNotFoundError(f"no {path}: train the AFM first (python -m farmer_jax.main "

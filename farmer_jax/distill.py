@@ -270,11 +270,11 @@ class Distiller:
 # ---------------------------------------------------------------------------------------------
 
 
-def _abs(path: str) -> str:
+def abs_workdir(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -289,8 +289,8 @@ def restore_teacher(config: ml_collections.ConfigDict, workdir: str,
   the latest). Clear errors for a missing checkpoint, another config, or another teacher than
   the one an existing student was distilled from."""
   d = config.distill
-  recorded = _read_json(os.path.join(subdir(workdir), "teacher.json"))
-  teacher_dir = _abs(d.teacher_workdir or (recorded or {}).get("workdir") or workdir)
+  recorded = read_json(os.path.join(subdir(workdir), "teacher.json"))
+  teacher_dir = abs_workdir(d.teacher_workdir or (recorded or {}).get("workdir") or workdir)
 
   def check_step(step):
     if recorded and (recorded["workdir"], recorded["step"]) != (teacher_dir, step):
