@@ -22,6 +22,8 @@ setuptools.setup(
         "tensorflow-datasets==4.9.10",
         "tensorflow-cpu==2.21.0",
         "tensorboard==2.21.0",
+        # Orbax asks GCS for a bucket's layout before it lists or deletes checkpoints on gs://.
+        "google-cloud-storage==3.17.1",
         "scikit-learn==1.9.1",
         "scipy==1.17.1",
         "numpy==2.4.6",

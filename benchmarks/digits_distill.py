@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from configs import digits  # noqa: E402
 from digits_guidance import SETTINGS, judge  # noqa: E402
-from farmer_jax import distill, metrics, sample  # noqa: E402
+from farmer_jax import distill, metrics, rundir, sample  # noqa: E402
 
 DEFAULT_SETTINGS = "resample_w3,unguided_T1_s1"
 
@@ -52,7 +52,7 @@ def main(argv=None) -> dict:
   print(f"judge: SVC, accuracy on the real test split {real_acc:.4f}", file=sys.stderr)
   labels = sample.grid_labels(np.arange(10), args.per_class)
   grid_idx = np.concatenate([np.arange(10) + k * args.per_class for k in range(10)])
-  out_dir = os.path.join(distill.subdir(args.workdir), "compare")
+  out_dir = os.path.join(str(rundir.RunDir(args.workdir).distill), "compare")
   os.makedirs(out_dir, exist_ok=True)
   accuracy = lambda im: float(np.mean(clf.predict(
       sample.quantize(im, 17).reshape(len(im), -1) / 16.0) == labels))

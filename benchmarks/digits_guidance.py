@@ -21,7 +21,7 @@ from sklearn.svm import SVC
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import digits  # noqa: E402
-from farmer_jax import checkpoint, input_pipeline, sample, train  # noqa: E402
+from farmer_jax import input_pipeline, rundir, sample, train  # noqa: E402
 from farmer_jax.models import prior  # noqa: E402
 
 SETTINGS = {
@@ -56,7 +56,7 @@ def main():
   args = ap.parse_args()
   config = digits.get_config()
   trainer = train.Trainer(config)
-  ckpt = checkpoint.Checkpointer(args.workdir, read_only=True)
+  ckpt = rundir.Checkpointer(args.workdir, read_only=True)
   state = ckpt.restore(trainer.abstract_state)
   params = trainer.eval_params(state)
   clf, real_acc = judge()

@@ -32,7 +32,6 @@ judges them). Entry: `train_and_evaluate(config, workdir)` with `config.phase = 
 """
 import dataclasses
 import functools
-import os
 
 from absl import logging
 import flax
@@ -42,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from farmer_jax import checkpoint, input_pipeline, metrics, sample, sharding, train
+from farmer_jax import input_pipeline, metrics, rundir, sample, sharding, train
 from farmer_jax.models import farmer, layers
 
 TrainState = train.TrainState
@@ -341,12 +340,10 @@ def afm_step(state: AFMState, batch: dict, base_key: jax.Array, target_params=No
 # ---------------------------------------------------------------------------------------------
 
 
-def output_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+def output_dir(config: ml_collections.ConfigDict, workdir: str) -> rundir.RunDir:
   """Where the AFM run lives: --workdir for pixels, <workdir>/afm on FARMER's latents."""
-  if config.afm.target == "farmer_latent":
-    from farmer_jax import afm_latent  # noqa: PLC0415 (afm_latent imports train, distill)
-    return afm_latent.subdir(workdir)
-  return workdir
+  run = rundir.RunDir(workdir)
+  return run.afm if config.afm.target == "farmer_latent" else run
 
 
 def make_target(config: ml_collections.ConfigDict, workdir: str | None, devices=None):
@@ -388,7 +385,7 @@ class AFMTrainer:
     boxed = jax.eval_shape(self.with_rules(
         lambda: init_state(self.gen, self.disc, self.tx, config.seed, True)))
     self.state_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
-    self.abstract_state = checkpoint.abstract_like(sharding.unbox(boxed), self.state_shardings)
+    self.abstract_state = rundir.abstract_like(sharding.unbox(boxed), self.state_shardings)
     self.init = jax.jit(self.with_rules(
         lambda: init_state(self.gen, self.disc, self.tx, config.seed)),
         out_shardings=self.state_shardings)
@@ -439,20 +436,35 @@ class AFMTrainer:
       out.append(np.asarray(jax.device_get(images))[:len(chunk)])
     return np.concatenate(out)
 
-  def sample(self, state: AFMState, workdir: str, writer=None) -> str:
+  @property
+  def decoder(self) -> str:
+    return "student" if self.target.use_student else "exact"
+
+  def sample(self, state: AFMState, run: rundir.RunDir, writer=None, tag: str | None = None
+             ) -> str:
     """`sample.per_class` images of each chosen class from the G EMA (fixed noise: sample.seed)
-    -> samples/samples_<step>.npz and .png, one grid row per class; returns the npz path."""
-    s, num_levels = self.config.sample, self.config.data.num_levels
+    -> samples/samples_<step>[_<tag>].npz and .png, one grid row per class; returns the npz path.
+    The tag defaults to "student" where the student decodes FARMER's latents. An existing file
+    of that name (the same step and settings) is kept."""
+    s, num_levels, step = self.config.sample, self.config.data.num_levels, int(state.step)
+    if tag is None:
+      tag = "student" if self.target.use_student else ""
+    npz = run.samples(step, tag)
+    if rundir.exists(npz):
+      logging.info("%s exists (same step and sample settings): kept", npz)
+      return str(npz)
     classes = sample.parse_classes(s.classes, self.net.num_classes)
     labels = sample.grid_labels(classes, s.per_class)
     images = sample.quantize(self.generate(state.g.ema_params, labels, jax.random.key(s.seed)),
                              num_levels)
-    npz, grid = sample.write_samples(workdir, int(state.step), images, labels, num_levels,
-                                     rows=len(classes),
-                                     suffix="_student" if self.target.use_student else "")
-    if writer is not None and grid is not None:
-      writer.write_images(int(state.step), {"samples": grid[None]})
-    return npz
+    info = {"step": step, "target": self.config.afm.target, "seed": s.seed,
+            "sample": s.to_dict(),
+            "decoder": self.decoder if self.config.afm.target == "farmer_latent" else None}
+    grid = sample.write_samples(run, step, images, labels, num_levels, rows=len(classes),
+                                tag=tag, info=info)
+    if writer is not None:
+      writer.write_images(step, {"samples": grid[None]})
+    return str(npz)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,55 +478,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   and at the end; in `workdir`, or <workdir>/afm on FARMER's latents (whose statistics are
   measured first). `stop_after_steps` as in `train.train_and_evaluate`."""
   train.validate_config(config)
-  a, out_dir = config.afm, output_dir(config, workdir)
-  # Before any weights are read: a resumed run must keep its data, model and AFM sizes.
-  train.check_workdir_config(config, out_dir, extra=(("afm", _AFM_IDENTITY),))
-  trainer = AFMTrainer(config, workdir=workdir)
-  ckpt = checkpoint.Checkpointer(out_dir, max_to_keep=a.keep_checkpoints)
-  writer = metrics.create_writer(out_dir)
-  with jax.set_mesh(trainer.mesh):
-    if a.target == "farmer_latent":
-      trainer.target.prepare(trainer.rules, a.batch_size, config.seed, create=True)
-    if ckpt.latest_step() is None:
-      state = trainer.init()
-      logging.info("AFM on %s from scratch: %d steps of batch %d; G %s, D %s parameters",
-                   a.target, a.num_steps, a.batch_size,
-                   f"{sum(x.size for x in jax.tree.leaves(state.g.params)):,}",
-                   f"{sum(x.size for x in jax.tree.leaves(state.d.params)):,}")
-    else:
-      state = ckpt.restore(trainer.abstract_state)
-      logging.info("resumed AFM from checkpoint at step %d of %d", int(state.step), a.num_steps)
-    start = int(state.step)
-    end = a.num_steps if stop_after_steps is None else min(a.num_steps, start + stop_after_steps)
-    data = input_pipeline.train_iterator(config.data, global_batch_size=a.batch_size,
-                                         seed=config.seed, start_step=start)
-    base_key = jax.random.key(config.seed + 3)
-    to_global = lambda b: sharding.to_global(b, trainer.mesh, trainer.rules)
-    state, preempted = train.run_steps(
-        state, lambda s: trainer.step(s, to_global(next(data)), base_key, trainer.target.params),
-        start=start, end=end, t=a, ckpt=ckpt, log_path=os.path.join(out_dir, "train_log.jsonl"),
-        writer=writer, flops_per_step=trainer.flops_per_step, num_devices=trainer.mesh.size,
-        device_kind=trainer.device_kind, eval_every=a.eval_every,
-        eval_fn=lambda s: trainer.sample(s, out_dir, writer), section="afm")
-    return train.finish_run(state, preempted, a.num_steps, ckpt, writer,
-                            lambda s: trainer.sample(s, out_dir, writer))
+  a = config.afm
+  with rundir.hold(workdir):
+    run = output_dir(config, workdir)
+    # Before any weights are read: a resumed run must keep its data, model and AFM sizes.
+    rundir.check_config(config, run, extra=(("afm", _AFM_IDENTITY),))
+    trainer = AFMTrainer(config, workdir=workdir)
+    ckpt = rundir.Checkpointer(run, max_to_keep=a.keep_checkpoints)
+    with jax.set_mesh(trainer.mesh):
+      if a.target == "farmer_latent":
+        trainer.target.prepare(trainer.rules, a.batch_size, config.seed, create=True)
+      if ckpt.latest_step() is None:
+        state = trainer.init()
+        logging.info("AFM on %s from scratch: %d steps of batch %d; G %s, D %s parameters; "
+                     "checkpoints in %s", a.target, a.num_steps, a.batch_size,
+                     f"{sum(x.size for x in jax.tree.leaves(state.g.params)):,}",
+                     f"{sum(x.size for x in jax.tree.leaves(state.d.params)):,}", ckpt.directory)
+      else:
+        state = ckpt.restore(trainer.abstract_state)
+        logging.info("resumed AFM from checkpoint at step %d of %d", int(state.step), a.num_steps)
+      start = int(state.step)
+      end = a.num_steps if stop_after_steps is None else min(a.num_steps, start + stop_after_steps)
+      writer = metrics.create_writer(run, start)
+      data = input_pipeline.train_iterator(config.data, global_batch_size=a.batch_size,
+                                           seed=config.seed, start_step=start)
+      base_key = jax.random.key(config.seed + 3)
+      to_global = lambda b: sharding.to_global(b, trainer.mesh, trainer.rules)
+      state, preempted = train.run_steps(
+          state, lambda s: trainer.step(s, to_global(next(data)), base_key, trainer.target.params),
+          start=start, end=end, t=a, ckpt=ckpt, run=run, writer=writer,
+          flops_per_step=trainer.flops_per_step, num_devices=trainer.mesh.size,
+          device_kind=trainer.device_kind, eval_every=a.eval_every,
+          eval_fn=lambda s: trainer.sample(s, run, writer), section="afm")
+      return train.finish_run(state, preempted, a.num_steps, ckpt, writer,
+                              lambda s: trainer.sample(s, run, writer))
 
 
 def restore_latest(config: ml_collections.ConfigDict, workdir: str) -> tuple[AFMTrainer, AFMState]:
   """The trainer (its target ready) and the latest AFM checkpoint of `workdir`."""
   trainer = AFMTrainer(config, workdir=workdir)
-  out_dir = output_dir(config, workdir)
+  run = output_dir(config, workdir)
   if config.afm.target == "farmer_latent":
     trainer.target.prepare(trainer.rules, config.afm.batch_size, config.seed, create=False)
   config_file = ("configs/afm_farmer_latent.py" if config.afm.target == "farmer_latent"
                  else "configs/afm_digits.py")
-  return trainer, train.restore_latest_checkpoint(config, out_dir, trainer.abstract_state, "AFM ",
-                                                  config_file, extra=(("afm", _AFM_IDENTITY),))
+  ckpt = rundir.latest_checkpointer(run, "AFM ", f"train first with python -m farmer_jax.main "
+                                    f"--config={config_file} --workdir={workdir}")
+  rundir.check_config(config, run, record=False, extra=(("afm", _AFM_IDENTITY),))
+  state = ckpt.restore(trainer.abstract_state)
+  ckpt.close()
+  return trainer, state
 
 
 def sample_latest(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """--mode=sample with phase=afm: samples_<step>[_student].npz and .png from the latest G EMA
+  """--mode=sample with phase=afm: samples_<step>_<tag>.npz and .png from the latest G EMA
   (in <workdir>/afm/samples on FARMER's latents)."""
-  trainer, state = restore_latest(config, workdir)
-  with jax.set_mesh(trainer.mesh):
-    return trainer.sample(state, output_dir(config, workdir))
+  with rundir.hold(workdir):
+    trainer, state = restore_latest(config, workdir)
+    tag = rundir.sample_tag(config.sample, trainer.decoder)
+    with jax.set_mesh(trainer.mesh):
+      return trainer.sample(state, output_dir(config, workdir), tag=tag)

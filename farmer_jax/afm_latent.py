@@ -21,25 +21,14 @@ Which FARMER: `afm.farmer_workdir` (default: the one recorded in <workdir>/afm/f
 the FARMER step is the one the student was distilled from. The choice is recorded in
 <workdir>/afm/farmer.json; a resumed run with another FARMER is refused.
 """
-import os
-
 from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from farmer_jax import distill, input_pipeline, metrics, sample, sharding, train
+from farmer_jax import distill, input_pipeline, rundir, sample, sharding, train
 from farmer_jax.models import farmer, flow
-
-STATS_FILE = "latent_stats.json"
-FARMER_FILE = "farmer.json"
-
-
-def subdir(workdir: str) -> str:
-  """Where an AFM on FARMER's latents keeps its checkpoints, logs and samples."""
-  return os.path.join(workdir, "afm")
-
 
 def to_grid(z_BxNxI: jax.Array, grid: int) -> jax.Array:
   """Tokens in natural (row-major patch) order -> their spatial layout [B, g, g, d_I]."""
@@ -62,19 +51,18 @@ class FarmerLatentTarget:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, devices=None):
     a = config.afm
     self.config = config
-    self.out_dir = subdir(workdir)
-    recorded = distill.read_json(os.path.join(self.out_dir, FARMER_FILE))
-    farmer_dir = distill.abs_workdir(a.farmer_workdir or (recorded or {}).get("workdir")
-                                     or workdir)
-    decoder = config.sample.get("decoder", "auto")
-    self.use_student = decoder == "student" or (decoder == "auto" and distill.has_student(farmer_dir))
+    self.run = rundir.RunDir(workdir).afm
+    recorded = rundir.read_json(self.run.farmer)
+    farmer_dir = str(rundir.as_path(a.farmer_workdir or (recorded or {}).get("workdir")
+                                    or workdir))
+    self.use_student = rundir.decoder(config, farmer_dir) == "student"
 
     def check_recorded(step):   # before any weights are read where the step is known
       if recorded and (recorded["workdir"], recorded["step"]) != (farmer_dir, step):
         raise ValueError(
-            f"the AFM in {self.out_dir} was trained on the latents of {recorded['workdir']} "
+            f"the AFM in {self.run} was trained on the latents of {recorded['workdir']} "
             f"step {recorded['step']}, not {farmer_dir} step {step}; use a new --workdir or "
-            f"remove {self.out_dir} to start over")
+            f"remove {self.run} to start over")
 
     if self.use_student:
       dist, state, student_state, info = distill.restore_student(config, farmer_dir)
@@ -86,7 +74,7 @@ class FarmerLatentTarget:
       if a.farmer_step is not None and a.farmer_step != info["step"]:
         raise ValueError(
             f"config.afm.farmer_step = {a.farmer_step}, but the student in "
-            f"{distill.subdir(farmer_dir)} was distilled from step {info['step']}; leave it "
+            f"{rundir.RunDir(farmer_dir).distill} was distilled from step {info['step']}; leave it "
             f"unset or set --config.sample.decoder=exact")
     else:
       self.trainer = train.Trainer(config, devices)
@@ -151,21 +139,21 @@ class FarmerLatentTarget:
   def prepare(self, rules, batch_size: int, seed: int, create: bool) -> None:
     """Sets params["mean"] / ["std"] from <workdir>/afm/latent_stats.json; with `create`, measures
     and writes them first when the file is missing (and records farmer.json)."""
-    path = os.path.join(self.out_dir, STATS_FILE)
-    stats = distill.read_json(path)
+    path = self.run.latent_stats
+    stats = rundir.read_json(path)
     if stats is None:
       if not create:
         raise FileNotFoundError(f"no {path}: train the AFM first (python -m farmer_jax.main "
                                 f"--config=configs/afm_farmer_latent.py --workdir=...)")
       stats = self._measure(rules, batch_size, seed)
       stats.update(farmer=self.info)
-      metrics.write_json(path, stats)
+      rundir.write_json(path, stats)
     elif (stats["farmer"]["workdir"], stats["farmer"]["step"]) != (self.info["workdir"],
                                                                    self.info["step"]):
       raise ValueError(f"{path} belongs to {stats['farmer']}, not {self.info}; remove "
-                       f"{self.out_dir} to start over")
-    if create:
-      metrics.write_json(os.path.join(self.out_dir, FARMER_FILE), self.info)
+                       f"{self.run} to start over")
+    if create and rundir.read_json(self.run.farmer) != self.info:
+      rundir.write_json(self.run.farmer, self.info)
     repl = sharding.replicated(self.mesh)
     for k in ("mean", "std"):
       self.params[k] = jax.device_put(np.asarray(stats[k], np.float32), repl)

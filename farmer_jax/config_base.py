@@ -195,6 +195,8 @@ def base_config() -> ml_collections.ConfigDict:
       denoise=False,             # TARFlow-style score step with sigma = train.noise_min
       decoder="auto",            # exact (KV-cached AF inverse) | student (distilled, one pass per
                                  # block) | auto: the student when <workdir>/distill has one
+      name="",                   # --mode=sample / fid file tag (samples_<step>_<name>.npz); empty:
+                                 # decoder, guidance, seed and a hash of these settings
   )
 
   # --mode=fid: FID, Inception Score, precision/recall (farmer_jax/evaluation/). The protocol of

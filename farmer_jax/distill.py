@@ -33,8 +33,6 @@ the prior (the config's sampler), the mean abs difference between the student's 
 inverse's images in [-1, 1] (`decode_mae`) and in intensity levels (`decode_mae_levels`).
 """
 import functools
-import json
-import os
 
 from absl import logging
 import flax.linen as nn
@@ -43,15 +41,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from farmer_jax import checkpoint, input_pipeline, metrics, sample, sharding, train
+from farmer_jax import input_pipeline, metrics, rundir, sample, sharding, train
 from farmer_jax.models import farmer, flow
 
 TrainState = train.TrainState
-
-
-def subdir(workdir: str) -> str:
-  """Where the student of the FARMER model in `workdir` lives."""
-  return os.path.join(workdir, "distill")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +162,7 @@ class Distiller:
     self.flow_shardings = trainer.state_shardings.params["flow"]
     boxed = jax.eval_shape(trainer.with_rules(self._boxed_state))
     self.state_shardings = sharding.tree_shardings(boxed, trainer.mesh, trainer.rules)
-    self.abstract_state = checkpoint.abstract_like(sharding.unbox(boxed), self.state_shardings)
+    self.abstract_state = rundir.abstract_like(sharding.unbox(boxed), self.state_shardings)
     self.init = jax.jit(trainer.with_rules(self._state_from_teacher),
                         in_shardings=(self.flow_shardings,), out_shardings=self.state_shardings)
     step = functools.partial(distill_step, teacher=self.teacher, student=self.student, tx=self.tx,
@@ -219,24 +212,25 @@ class Distiller:
     n = totals.pop("count")
     return {"num_examples": int(n), **{k: v / n for k, v in totals.items()}}
 
-  def evaluate(self, state: TrainState, teacher_params, out_dir: str, writer=None) -> dict:
+  def evaluate(self, state: TrainState, teacher_params, run: rundir.RunDir, writer=None, *,
+               mode: str = "train") -> dict:
     """Test-split losses and image error, and exact-vs-student decodes of the same prior latents;
     writes eval/metrics.json, a line of eval/history.jsonl and the two decode grids."""
     step = int(state.step)
     result = {"step": step, "split": self.config.data.eval_split,
               **self.split_losses(state, teacher_params["flow"])}
-    result.update(self.compare_decodes(state, teacher_params, out_dir, step))
+    result.update(self.compare_decodes(state, teacher_params, run, step), mode=mode)
     logging.info("distill eval step %d: %s", step,
                  ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float)))
-    eval_dir = os.path.join(out_dir, "eval")
-    metrics.write_json(os.path.join(eval_dir, "metrics.json"), result)
-    metrics.append_jsonl(os.path.join(eval_dir, "history.jsonl"), result)
+    rundir.write_json(run.metrics, result)
+    rundir.append_jsonl(run.history, result, key=("step", "mode"))
     if writer is not None:
       writer.write_scalars(step, {f"eval/{k}": v for k, v in result.items()
                                   if isinstance(v, float)})
     return result
 
-  def compare_decodes(self, state: TrainState, teacher_params, out_dir: str, step: int) -> dict:
+  def compare_decodes(self, state: TrainState, teacher_params, run: rundir.RunDir, step: int
+                      ) -> dict:
     """`distill.eval_samples` latents from the prior (config's sampler, fixed seed) decoded by the
     exact inverse and by the student: mean / max abs difference in [-1, 1] and in levels."""
     s, c = self.config.sample, self.trainer.model_config
@@ -251,13 +245,11 @@ class Distiller:
                                 student=(self.student, self.student_params(state)), **kwargs)
     levels = lambda im: sample.quantize(im, c.num_levels).astype(np.int32)
     level_diff = np.abs(levels(student) - levels(exact))
-    if jax.process_index() == 0:
-      order = np.argsort(labels, kind="stable")   # one grid row per class
-      rows = len(classes) if c.num_classes else 1
-      for name, images in (("exact", exact), ("student", student)):
-        os.makedirs(os.path.join(out_dir, "eval"), exist_ok=True)
-        sample.save_grid_png(os.path.join(out_dir, "eval", f"decode_{step}_{name}.png"),
-                             sample.quantize(images[order], c.num_levels), c.num_levels, rows)
+    order = np.argsort(labels, kind="stable")   # one grid row per class
+    rows = len(classes) if c.num_classes else 1
+    for name, images in (("exact", exact), ("student", student)):
+      sample.save_grid_png(run.eval_dir / f"decode_{step}_{name}.png",
+                           sample.quantize(images[order], c.num_levels), c.num_levels, rows)
     return {"decode_mae": float(np.mean(np.abs(student - exact))),
             "decode_max_abs": float(np.max(np.abs(student - exact))),
             "decode_mae_levels": float(np.mean(level_diff)),
@@ -270,17 +262,6 @@ class Distiller:
 # ---------------------------------------------------------------------------------------------
 
 
-def abs_workdir(path: str) -> str:
-  return path if "://" in path else os.path.abspath(path)
-
-
-def read_json(path: str) -> dict | None:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def restore_teacher(config: ml_collections.ConfigDict, workdir: str,
                     trainer: train.Trainer) -> tuple[TrainState, dict]:
   """The frozen teacher (its step and eval weights only: `Trainer.restore_eval_state`) and
@@ -288,16 +269,17 @@ def restore_teacher(config: ml_collections.ConfigDict, workdir: str,
   `workdir`) at `distill.teacher_step` (default: the step recorded when this student started, else
   the latest). Clear errors for a missing checkpoint, another config, or another teacher than
   the one an existing student was distilled from."""
-  d = config.distill
-  recorded = read_json(os.path.join(subdir(workdir), "teacher.json"))
-  teacher_dir = abs_workdir(d.teacher_workdir or (recorded or {}).get("workdir") or workdir)
+  d, run = config.distill, rundir.RunDir(workdir).distill
+  recorded = rundir.read_json(run.teacher)
+  teacher_dir = str(rundir.as_path(d.teacher_workdir or (recorded or {}).get("workdir")
+                                   or workdir))
 
   def check_step(step):
     if recorded and (recorded["workdir"], recorded["step"]) != (teacher_dir, step):
       raise ValueError(
-          f"the student in {subdir(workdir)} was distilled from {recorded['workdir']} step "
+          f"the student in {run} was distilled from {recorded['workdir']} step "
           f"{recorded['step']}, not {teacher_dir} step {step}; use a new --workdir or remove "
-          f"{subdir(workdir)} to start over")
+          f"{run} to start over")
 
   return train.restore_frozen(config, trainer, teacher_dir,
                               d.teacher_step or (recorded or {}).get("step"), what="teacher",
@@ -305,25 +287,14 @@ def restore_teacher(config: ml_collections.ConfigDict, workdir: str,
                               step_field="distill.teacher_step", check_step=check_step)
 
 
-def has_student(workdir: str) -> bool:
-  """Whether <workdir>/distill holds a complete student checkpoint."""
-  directory = checkpoint.checkpoint_dir(subdir(workdir))
-  if "://" not in directory and not os.path.isdir(directory):
-    return False
-  return checkpoint.Checkpointer(subdir(workdir), read_only=True).latest_step() is not None
-
-
 def restore_student(config, workdir: str) -> tuple[Distiller, TrainState, TrainState, dict]:
   """(distiller, teacher state, student state, teacher info) of a distilled workdir."""
-  if not has_student(workdir):
-    raise FileNotFoundError(
-        f"no distilled student in {subdir(workdir)}: run the distillation phase first "
-        f"(python -m farmer_jax.main --config=...,distill --workdir={workdir}, or "
-        f"--config.phase=distill), or set --config.sample.decoder=exact")
+  rundir.require_student(workdir)
   dist = Distiller(config)
   teacher_state, info = restore_teacher(config, workdir, dist.trainer)
-  train.check_workdir_config(config, subdir(workdir), record=False)
-  ckpt = checkpoint.Checkpointer(subdir(workdir), read_only=True)
+  run = rundir.RunDir(workdir).distill
+  rundir.check_config(config, run, record=False)
+  ckpt = rundir.Checkpointer(run, read_only=True)
   student_state = ckpt.restore(dist.abstract_state)
   ckpt.close()
   return dist, teacher_state, student_state, info
@@ -331,21 +302,25 @@ def restore_student(config, workdir: str) -> tuple[Distiller, TrainState, TrainS
 
 def sample_with_student(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--mode=sample with the student: the prior of the teacher checkpoint it was distilled from,
-  the student's decode -> <workdir>/samples/samples_<teacher step>_student.npz and .png."""
-  dist, teacher_state, student_state, info = restore_student(config, workdir)
-  logging.info("decoding with the distilled student (step %d) of teacher step %d",
-               int(student_state.step), info["step"])
-  with jax.set_mesh(dist.mesh):
-    return dist.trainer.sample(teacher_state, workdir, student=(dist.student,
-                                                              dist.student_params(student_state)),
-                               suffix="_student")
+  the student's decode -> <workdir>/samples/samples_<teacher step>_<tag>.npz and .png."""
+  with rundir.hold(workdir) as run:
+    dist, teacher_state, student_state, info = restore_student(config, workdir)
+    logging.info("decoding with the distilled student (step %d) of teacher step %d",
+                 int(student_state.step), info["step"])
+    tag = rundir.sample_tag(config.sample, "student",
+                            {"student_step": int(student_state.step)})
+    with jax.set_mesh(dist.mesh):
+      return dist.trainer.sample(teacher_state, run, tag=tag, student=(
+          dist.student, dist.student_params(student_state)))
 
 
 def evaluate_latest(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode=evaluate with phase=distill: the student's evaluation -> <workdir>/distill/eval/."""
-  dist, teacher_state, student_state, _ = restore_student(config, workdir)
-  with jax.set_mesh(dist.mesh):
-    return dist.evaluate(student_state, dist.trainer.eval_params(teacher_state), subdir(workdir))
+  with rundir.hold(workdir) as run:
+    dist, teacher_state, student_state, _ = restore_student(config, workdir)
+    with jax.set_mesh(dist.mesh):
+      return dist.evaluate(student_state, dist.trainer.eval_params(teacher_state), run.distill,
+                           mode="evaluate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,39 +332,42 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          stop_after_steps: int | None = None) -> TrainState:
   """Distils the AF inverse of the teacher into <workdir>/distill (resuming from its latest
   checkpoint), evaluates and samples with the student. `stop_after_steps` as in training."""
-  dist = Distiller(config)
-  d, out_dir = config.distill, subdir(workdir)
-  with jax.set_mesh(dist.mesh):
-    teacher_state, info = restore_teacher(config, workdir, dist.trainer)
-    teacher_params = dist.trainer.eval_params(teacher_state)
-    train.check_workdir_config(config, out_dir)
-    metrics.write_json(os.path.join(out_dir, "teacher.json"), info)
-    ckpt = checkpoint.Checkpointer(out_dir, max_to_keep=d.keep_checkpoints)
-    if ckpt.latest_step() is None:
-      state = dist.init(teacher_params["flow"])
-      logging.info("distilling teacher %s step %d: %d steps of batch %d, student initialised "
-                   "with the teacher AF's %s parameters", info["workdir"], info["step"],
-                   d.num_steps, dist.batch_size,
-                   f"{sum(a.size for a in jax.tree.leaves(state.params)):,}")
-    else:
-      state = ckpt.restore(dist.abstract_state)
-      logging.info("resumed distillation from checkpoint at step %d of %d", int(state.step),
-                   d.num_steps)
-    start = int(state.step)
-    end = d.num_steps if stop_after_steps is None else min(d.num_steps, start + stop_after_steps)
-    writer = metrics.create_writer(out_dir)
-    data = input_pipeline.train_iterator(config.data, global_batch_size=dist.batch_size,
-                                         seed=config.seed, start_step=start)
-    base_key = jax.random.key(config.seed + 2)
-    state, preempted = train.run_steps(
-        state, lambda s: dist.step(s, teacher_params["flow"],
-                                   dist.trainer.batch_to_global(next(data)), base_key),
-        start=start, end=end, t=d, ckpt=ckpt, log_path=os.path.join(out_dir, "train_log.jsonl"),
-        writer=writer, flops_per_step=dist.flops_per_step, num_devices=dist.mesh.size,
-        device_kind=dist.trainer.device_kind, eval_every=d.eval_every,
-        eval_fn=lambda s: dist.evaluate(s, teacher_params, out_dir, writer), section="distill")
-    def final(state):
-      dist.evaluate(state, teacher_params, out_dir, writer)
-      dist.trainer.sample(train.eval_state(state.step, teacher_params), out_dir, writer,
-                          student=(dist.student, dist.student_params(state)))
-    return train.finish_run(state, preempted, d.num_steps, ckpt, writer, final)
+  with rundir.hold(workdir) as top:
+    dist = Distiller(config)
+    d, run = config.distill, top.distill
+    with jax.set_mesh(dist.mesh):
+      teacher_state, info = restore_teacher(config, workdir, dist.trainer)
+      teacher_params = dist.trainer.eval_params(teacher_state)
+      rundir.check_config(config, run)
+      if rundir.read_json(run.teacher) != info:
+        rundir.write_json(run.teacher, info)
+      ckpt = rundir.Checkpointer(run, max_to_keep=d.keep_checkpoints)
+      if ckpt.latest_step() is None:
+        state = dist.init(teacher_params["flow"])
+        logging.info("distilling teacher %s step %d: %d steps of batch %d, student initialised "
+                     "with the teacher AF's %s parameters; checkpoints in %s", info["workdir"],
+                     info["step"], d.num_steps, dist.batch_size,
+                     f"{sum(a.size for a in jax.tree.leaves(state.params)):,}", ckpt.directory)
+      else:
+        state = ckpt.restore(dist.abstract_state)
+        logging.info("resumed distillation from checkpoint at step %d of %d", int(state.step),
+                     d.num_steps)
+      start = int(state.step)
+      end = d.num_steps if stop_after_steps is None else min(d.num_steps, start + stop_after_steps)
+      writer = metrics.create_writer(run, start)
+      data = input_pipeline.train_iterator(config.data, global_batch_size=dist.batch_size,
+                                           seed=config.seed, start_step=start)
+      base_key = jax.random.key(config.seed + 2)
+      state, preempted = train.run_steps(
+          state, lambda s: dist.step(s, teacher_params["flow"],
+                                     dist.trainer.batch_to_global(next(data)), base_key),
+          start=start, end=end, t=d, ckpt=ckpt, run=run, writer=writer,
+          flops_per_step=dist.flops_per_step, num_devices=dist.mesh.size,
+          device_kind=dist.trainer.device_kind, eval_every=d.eval_every,
+          eval_fn=lambda s: dist.evaluate(s, teacher_params, run, writer), section="distill")
+
+      def final(state):
+        dist.evaluate(state, teacher_params, run, writer)
+        dist.trainer.sample(train.eval_state(state.step, teacher_params), run, writer,
+                            student=(dist.student, dist.student_params(state)))
+      return train.finish_run(state, preempted, d.num_steps, ckpt, writer, final)

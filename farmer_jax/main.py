@@ -8,19 +8,25 @@ Modes:
             with phase=afm, e.g. configs/afm_digits.py: an adversarial flow model, farmer_jax/afm.py)
   evaluate  test-split bpd of the latest checkpoint -> <workdir>/eval/metrics.json
             (phase=distill: the student's evaluation -> <workdir>/distill/eval/metrics.json)
-  sample    <workdir>/samples/samples_<step>.npz and .png with the config's sampler, decoded by the
-            distilled student (..._student.npz) when <workdir>/distill has one (sample.decoder)
+  sample    <workdir>/samples/samples_<step>_<tag>.npz and .png with the config's sampler, decoded
+            by the distilled student when <workdir>/distill has one (sample.decoder); the tag names
+            decoder, guidance, seed and a hash of the sample settings (or sample.name)
   plan      parameter counts, FLOPs and compiled per-device memory of the train step, as JSON
             (--plan_devices=N fake CPU devices, or --plan_topology=v5p:4x8x8 for TPU AOT)
   fid       FID / IS / precision-recall of config.fid.num_samples samples against
-            config.fid.reference -> <workdir>/eval/fid_<step>.json (farmer_jax/evaluation/)
+            config.fid.reference -> <workdir>/eval/fid_<step>_<tag>.json (farmer_jax/evaluation/)
 Any config field can be overridden, e.g. --config.train.num_steps=100.
+
+--workdir may be local or remote (gs://...): every file goes through farmer_jax/rundir.py. One run
+holds a workdir at a time (lock.json); SIGTERM or SIGINT saves a checkpoint of the current step
+and exits 0, and rerunning the same command resumes.
 
 Several processes (TPU pod hosts, SLURM tasks, Open MPI ranks) are detected from the environment
 and joined with jax.distributed.initialize(); elsewhere pass --coordinator_address,
 --num_processes and --process_id to every process.
 """
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -28,13 +34,12 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from farmer_jax import distill, metrics, train
+from farmer_jax import metrics, modes, rundir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "plan", "fid"],
-                          "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", list(modes.MODES), "What to do.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, where the cluster is not auto-detected.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
@@ -77,8 +82,7 @@ def run_plan(config, workdir: str) -> dict:
     devices = jax.devices("cpu")[:_PLAN_DEVICES.value]
   result = plan.plan(config, devices=devices, device_memory_gib=_PLAN_MEMORY.value,
                      device_kind=_PLAN_KIND.value)
-  metrics.write_json(os.path.join(workdir, "plan.json"), result)
-  metrics.print_json_line(result)
+  metrics.print_json_line(result, rundir.unique(rundir.RunDir(workdir).plan))
   return result
 
 
@@ -87,31 +91,23 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   metrics.quiet_library_logs()
   config, workdir = _CONFIG.value, _WORKDIR.value
-  if _MODE.value == "plan":
-    if _PLAN_DEVICES.value:   # before any backend starts
-      jax.config.update("jax_num_cpu_devices", _PLAN_DEVICES.value)
-    run_plan(config, workdir)
-    return
-  initialize_distributed()
-  logging.info("JAX %s: process %d/%d, %d devices (%d local)", jax.__version__,
-               jax.process_index(), jax.process_count(), jax.device_count(),
-               jax.local_device_count())
-  distilling = config.get("phase", "train") == "distill"
-  if config.get("phase") == "afm":
-    from farmer_jax import afm  # noqa: PLC0415 (phase=afm only)
-    if _MODE.value not in ("train", "sample"):
-      raise app.UsageError(f"--mode={_MODE.value} is not available with phase=afm (train, sample)")
-    (afm.train_and_evaluate if _MODE.value == "train" else afm.sample_latest)(config, workdir)
-    return
-  if _MODE.value == "train":
-    (distill.distill_and_evaluate if distilling else train.train_and_evaluate)(config, workdir)
-  elif _MODE.value == "evaluate":
-    (distill.evaluate_latest if distilling else train.evaluate)(config, workdir)
-  elif _MODE.value == "fid":
-    from farmer_jax.evaluation import fid_mode  # noqa: PLC0415 (fid mode only)
-    metrics.print_json_line(fid_mode.evaluate_fid(config, workdir))
-  else:
-    train.sample_latest(config, workdir)
+  try:
+    if _MODE.value == "plan":
+      if _PLAN_DEVICES.value:   # before any backend starts
+        jax.config.update("jax_num_cpu_devices", _PLAN_DEVICES.value)
+      run_plan(config, workdir)
+      return
+    initialize_distributed()
+    logging.info("JAX %s: process %d/%d, %d devices (%d local); workdir %s", jax.__version__,
+                 jax.process_index(), jax.process_count(), jax.device_count(),
+                 jax.local_device_count(), rundir.as_path(workdir))
+    result = modes.run(_MODE.value, config, workdir)
+    if _MODE.value == "fid":
+      metrics.print_json_line(result)
+  except rundir.WorkdirError as e:
+    # The user's to fix (a live run holds the workdir, the disk is full or read-only): one line.
+    logging.error("%s", e)
+    sys.exit(f"farmer_jax: {e}")
 
 
 if __name__ == "__main__":

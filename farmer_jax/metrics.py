@@ -1,13 +1,12 @@
-"""Logging: console + TensorBoard (clu), throughput and ETA, JSON result files."""
-import json
+"""Logging: console and TensorBoard, throughput and ETA, the scripts' JSON result line."""
 import logging as py_logging
-import os
 import time
 
 from absl import logging
-from clu import metric_writers
 import jax
 import numpy as np
+
+from farmer_jax import rundir, summary
 
 
 class _OnlyOurInfo(py_logging.Filter):
@@ -22,9 +21,11 @@ def quiet_library_logs() -> None:
   logging.get_absl_handler().addFilter(_OnlyOurInfo())
 
 
-def create_writer(workdir: str):
-  """TensorBoard summaries in `workdir` on process 0; the others only log."""
-  return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+def create_writer(run: rundir.RunDir, start_step: int = 0) -> summary.SummaryWriter:
+  """TensorBoard summaries in the run directory, written by process 0. A run resumed at
+  `start_step` marks the restart, so that TensorBoard drops the replayed steps' old events."""
+  return summary.SummaryWriter(run.path, enabled=jax.process_index() == 0,
+                               start_step=start_step or None)
 
 
 class Progress:
@@ -87,32 +88,9 @@ def format_scalars(step: int, total: int, scalars: dict) -> str:
   return " | ".join(parts)
 
 
-def append_jsonl(path: str, payload: dict) -> None:
-  """One JSON line per call, process 0 only (e.g. train_log.jsonl: what scripts plot)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "a") as f:
-    f.write(json.dumps(payload, sort_keys=True) + "\n")
-
-
-def print_json_line(payload: dict, path: str | None = None) -> None:
+def print_json_line(payload: dict, path=None) -> None:
   """A script's result: one JSON line on stdout (its last line), also written to `path` if given."""
-  line = json.dumps(payload)
+  line = rundir.dumps(payload)
   if path:
-    with open(path, "w") as f:
-      f.write(line + "\n")
+    rundir.write_bytes(path, (line + "\n").encode())
   print(line, flush=True)
-
-
-def write_json(path: str, payload: dict) -> None:
-  """Atomic write (tmp + rename) so readers never see half a file; process 0 only."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
-  logging.info("wrote %s", path)

@@ -5,7 +5,6 @@ CFG, `prior.SamplerConfig`) followed by the KV-cached exact AF inverse or the di
 student (farmer_jax/distill.py), jitted once per batch shape. Images leave as uint8 in the dataset's native levels 0..L-1.
 """
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -13,8 +12,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
+from farmer_jax import rundir
 from farmer_jax.models import farmer, flow, prior
 
 
@@ -123,12 +122,9 @@ def levels_to_uint8(images: np.ndarray, num_levels: int) -> np.ndarray:
   return (np.asarray(images, np.float32) * (255.0 / (num_levels - 1))).round().astype(np.uint8)
 
 
-def save_grid_png(path: str, images: np.ndarray, num_levels: int, rows: int,
-                  min_cell: int = 32) -> np.ndarray:
-  """Saves uint8 level images [N, H, W, C] as a rows x (N/rows) grid, upscaled so cells are visible.
-
-  Returns the grid as uint8 [rows * H', cols * W', C].
-  """
+def grid_image(images: np.ndarray, num_levels: int, rows: int, min_cell: int = 32) -> np.ndarray:
+  """uint8 level images [N, H, W, C] as a rows x (N/rows) grid, upscaled so that a cell is at
+  least `min_cell` pixels -> uint8 [rows * H', cols * W', C]."""
   n, h, w, c = images.shape
   cols = -(-n // rows)
   pixels = levels_to_uint8(images, num_levels)
@@ -138,8 +134,13 @@ def save_grid_png(path: str, images: np.ndarray, num_levels: int, rows: int,
   # A grey line right of and below every cell, so that images with dark borders stay apart.
   pixels = np.pad(pixels, ((0, 0), (0, 2), (0, 2), (0, 0)), constant_values=96)
   h, w = pixels.shape[1:3]
-  grid = pixels.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
-  Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+  return pixels.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
+
+
+def save_grid_png(path, images: np.ndarray, num_levels: int, rows: int) -> np.ndarray:
+  """`grid_image` written as a PNG at `path` (through the run directory's writer); returns it."""
+  grid = grid_image(images, num_levels, rows)
+  rundir.write_png(path, grid)
   return grid
 
 
@@ -149,27 +150,23 @@ def to_rgb_uint8(images: np.ndarray, num_levels: int) -> np.ndarray:
   return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
 
 
-def save_npz(path: str, images: np.ndarray, labels: np.ndarray, num_levels: int) -> None:
-  """images (native levels), labels, num_levels, and `arr_0` (uint8 RGB 0..255 NHWC), the key
-  ADM's evaluator reads, so that it takes the file unchanged."""
-  np.savez(path, images=images, labels=labels, num_levels=np.int32(num_levels),
-           arr_0=to_rgb_uint8(images, num_levels))
+def npz_arrays(images: np.ndarray, labels: np.ndarray, num_levels: int,
+               info: dict | None = None) -> dict:
+  """images (native levels), labels, num_levels, `arr_0` (uint8 RGB 0..255 NHWC, the key ADM's
+  evaluator reads, so that it takes the file unchanged) and `info` (JSON: what made them)."""
+  out = {"images": images, "labels": labels, "num_levels": np.int32(num_levels),
+         "arr_0": to_rgb_uint8(images, num_levels)}
+  if info is not None:
+    out["info"] = np.asarray(rundir.dumps(info))
+  return out
 
 
-def write_samples(workdir: str, step: int, images: np.ndarray, labels: np.ndarray,
-                  num_levels: int, rows: int, suffix: str = "") -> tuple[str, np.ndarray]:
-  """Writes `samples/samples_<step><suffix>.npz` (images, labels, num_levels, arr_0) and the PNG
-  grid.
-
-  Returns the npz path and the grid (uint8 [H', W', C]).
-  """
-  out_dir = os.path.join(workdir, "samples")
-  os.makedirs(out_dir, exist_ok=True)
-  npz = os.path.join(out_dir, f"samples_{step}{suffix}.npz")
-  png = os.path.join(out_dir, f"samples_{step}{suffix}.png")
-  grid = None
-  if jax.process_index() == 0:
-    save_npz(npz, images, labels, num_levels)
-    grid = save_grid_png(png, images, num_levels, rows)
-    logging.info("wrote %s and %s", npz, png)
-  return npz, grid
+def write_samples(run: rundir.RunDir, step: int, images: np.ndarray, labels: np.ndarray,
+                  num_levels: int, rows: int, tag: str = "", info: dict | None = None
+                  ) -> np.ndarray:
+  """Writes samples/samples_<step>[_<tag>].png (the grid) and then .npz (`npz_arrays`), so that
+  an npz on disk means a complete set. Returns the grid (uint8 [H', W', C])."""
+  grid = save_grid_png(run.samples(step, tag, "png"), images, num_levels, rows)
+  rundir.write_npz(run.samples(step, tag), **npz_arrays(images, labels, num_levels, info))
+  logging.info("wrote %s and .png", run.samples(step, tag))
+  return grid

@@ -1,17 +1,9 @@
 """The FARMER trainer: one linear file in sections. `train_and_evaluate(config, workdir)` is the entry.
 
-Workdir layout:
-  checkpoints/<step>/          Orbax checkpoints of the train state (params, EMA params, optimiser)
-  train_log.jsonl              one line per log interval: step, loss, bpd, grad norm, lr, steps/s,
-                               TFLOP/s per device and MFU (where the device's peak is known)
-  eval/metrics.json            latest test-split evaluation {"step", "bpd", "split", ...}
-  eval/history.jsonl           one line per evaluation
-  samples/samples_<step>.npz   images (uint8, native levels), labels, num_levels; and a PNG grid
-  events.out.tfevents.*        TensorBoard scalars (clu)
+Everything it writes under the workdir goes through farmer_jax/rundir.py, which documents the
+layout: checkpoints, train_log.jsonl, eval/metrics.json and history.jsonl, samples, TensorBoard.
 """
 import dataclasses
-import json
-import os
 from typing import Any
 
 from absl import logging
@@ -23,7 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from farmer_jax import checkpoint, config_base, input_pipeline, metrics, sample, sharding
+from farmer_jax import config_base, input_pipeline, metrics, preemption, rundir, sample, sharding
 from farmer_jax.evaluation import fid_config
 from farmer_jax.models import farmer, layers, prior
 
@@ -40,7 +32,7 @@ _SECTIONS = {
               "checkpoint_every", "keep_checkpoints"},
     "eval": {"batch_size", "every", "dequant_seed"},
     "sharding": {"mesh", "rules"},
-    "sample": {"per_class", "batch_size", "seed", "classes", "denoise", "decoder",
+    "sample": {"per_class", "batch_size", "seed", "classes", "denoise", "decoder", "name",
                *(f.name for f in dataclasses.fields(prior.SamplerConfig))},
     "distill": {"teacher_workdir", "teacher_step", "batch_size", "num_steps", "noise_max",
                 "data_noise", "learning_rate", "min_learning_rate", "warmup_steps", "b1", "b2",
@@ -55,7 +47,6 @@ _SECTIONS = {
             "farmer_step", "stats_batches"},
 }
 _TOP_LEVEL = {"seed", "phase", "model", *_SECTIONS}
-DECODERS = ("auto", "exact", "student")
 AFM_TARGETS = ("pixels", "farmer_latent")   # SPEC sec. 7: a data set's pixels, FARMER's z^I
 
 
@@ -157,7 +148,8 @@ def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
   need(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
        f"must divide train.batch_size = {t.batch_size}")
   need(t.get("keep_checkpoints", 1) > 0, "train.keep_checkpoints", "must be a positive integer")
-  need(s.get("decoder", "auto") in DECODERS, "sample.decoder", f"must be one of {DECODERS}")
+  need(s.get("decoder", "auto") in rundir.DECODERS, "sample.decoder",
+       f"must be one of {rundir.DECODERS}")
   need(config.get("phase", "train") in config_base.PHASES, "phase",
        f"must be one of {config_base.PHASES}")
   if config.get("phase") == "distill":
@@ -361,7 +353,7 @@ class Trainer:
     # Shapes and logical axes only (no allocation): the shardings every leaf of the state gets.
     boxed = jax.eval_shape(with_rules(lambda: init_state(self.model, self.tx, config.seed, True)))
     self.state_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
-    self.abstract_state = checkpoint.abstract_like(sharding.unbox(boxed), self.state_shardings)
+    self.abstract_state = rundir.abstract_like(sharding.unbox(boxed), self.state_shardings)
     # Each device materialises only its own shards of the fresh state.
     self.init = jax.jit(with_rules(lambda: init_state(self.model, self.tx, config.seed)),
                         out_shardings=self.state_shardings)
@@ -392,11 +384,6 @@ class Trainer:
                                           jnp.uint8, sharding=data),
             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=data)}
 
-  def restore_or_init(self, ckpt: checkpoint.Checkpointer) -> TrainState:
-    if ckpt.latest_step() is None:
-      return self.init()
-    return ckpt.restore(self.abstract_state)
-
   @property
   def eval_field(self) -> str:
     """The TrainState field that evaluates and samples: the EMA unless train.ema_decay is 0."""
@@ -405,15 +392,18 @@ class Trainer:
   def eval_params(self, state: TrainState):
     return getattr(state, self.eval_field)
 
-  def restore_eval_state(self, ckpt: checkpoint.Checkpointer, step: int) -> TrainState:
-    """Step `step` of `ckpt` for evaluation, sampling or as a frozen teacher: only its step and
-    eval params are read (`params` and `ema_params` both hold them, no optimiser state)."""
-    fields = ckpt.restore_fields(self.abstract_state, ("step", self.eval_field), step)
+  def restore_eval_state(self, ckpt: rundir.Checkpointer, step: int | None) -> TrainState:
+    """Step `step` (None: the newest intact one) of `ckpt` for evaluation, sampling or as a frozen
+    teacher: only its step and eval params are read (`params` and `ema_params` both hold them, no
+    optimiser state)."""
+    fields = ckpt.restore(self.abstract_state, step, fields=("step", self.eval_field))
     return eval_state(fields["step"], fields[self.eval_field])
 
-  def evaluate(self, state: TrainState, workdir: str, writer=None) -> dict:
-    """Test-split bpd with uniform dequantisation (fixed seed); writes eval/metrics.json."""
-    config, step = self.config, int(state.step)
+  def evaluate(self, state: TrainState, run: rundir.RunDir, writer=None, *,
+               mode: str = "train") -> dict:
+    """Test-split bpd with uniform dequantisation (fixed seed) -> eval/metrics.json and a line of
+    eval/history.jsonl (one per step, mode and params). `run`: a RunDir or a workdir path."""
+    config, step, run = self.config, int(state.step), rundir.RunDir(run)
     params = self.eval_params(state)
     key = jax.random.key(config.eval.dequant_seed)
     totals = {"bpd_sum": 0.0, "nll_sum": 0.0, "count": 0.0}
@@ -425,33 +415,38 @@ class Trainer:
     n = totals["count"]
     result = {"step": step, "split": config.data.eval_split, "dataset": config.data.name,
               "bpd": totals["bpd_sum"] / n, "nll_nats_per_dim": totals["nll_sum"] / n,
-              "num_examples": int(n), "params": "ema" if config.train.ema_decay > 0 else "raw"}
+              "num_examples": int(n), "params": "ema" if config.train.ema_decay > 0 else "raw",
+              "mode": mode}
     logging.info("eval step %d: %s bpd %.4f over %d examples", step, result["split"],
                  result["bpd"], n)
-    eval_dir = os.path.join(workdir, "eval")
-    metrics.write_json(os.path.join(eval_dir, "metrics.json"), result)
-    if jax.process_index() == 0:
-      with open(os.path.join(eval_dir, "history.jsonl"), "a") as f:
-        f.write(json.dumps(result) + "\n")
+    rundir.write_json(run.metrics, result)
+    rundir.append_jsonl(run.history, result, key=("step", "mode", "params"))
     if writer is not None:
       writer.write_scalars(step, {"eval/bpd": result["bpd"]})
     return result
 
-  def sample(self, state: TrainState, workdir: str, writer=None, *, student=None,
-             suffix: str = "") -> str:
+  def sample(self, state: TrainState, run: rundir.RunDir, writer=None, *, student=None,
+             tag: str = "") -> str:
     """Samples `per_class` images of each chosen class with the config's sampler -> one grid row per
-    class in samples_<step><suffix>.png, and samples_<step><suffix>.npz; returns the npz path.
-    `student`: (Flow, params) of a distilled student that decodes instead of the exact inverse."""
-    s, c = self.config.sample, self.model_config
+    class in samples/samples_<step>[_<tag>].png and .npz; returns the npz path. An existing file of
+    that name (the same step and settings) is kept, not redrawn. `student`: (Flow, params) of a
+    distilled student that decodes instead of the exact inverse. `run`: a RunDir or a path."""
+    s, c, run = self.config.sample, self.model_config, rundir.RunDir(run)
     classes = sample.parse_classes(s.classes, c.num_classes)
     labels = sample.grid_labels(classes, s.per_class)
-    images = self.generate(state, labels, student=student)
     step = int(state.step)
-    npz, grid = sample.write_samples(workdir, step, images, labels, c.num_levels,
-                                     rows=len(classes), suffix=suffix)
-    if writer is not None and grid is not None:
+    npz = run.samples(step, tag)
+    if rundir.exists(npz):
+      logging.info("%s exists (same step and sample settings): kept", npz)
+      return str(npz)
+    images = self.generate(state, labels, student=student)
+    info = {"step": step, "decoder": "exact" if student is None else "student",
+            "seed": s.seed, "sample": s.to_dict()}
+    grid = sample.write_samples(run, step, images, labels, c.num_levels, rows=len(classes),
+                                tag=tag, info=info)
+    if writer is not None:
       writer.write_images(step, {"samples": grid[None]})
-    return npz
+    return str(npz)
 
   def generate(self, state: TrainState, labels: np.ndarray, student=None) -> np.ndarray:
     """One image per label with the config's sampler -> uint8 [N, H, W, C] on every process.
@@ -476,42 +471,6 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-_DATA_IDENTITY = ("name", "image_size", "channels", "num_classes", "num_levels")
-# Model fields that change how the step runs but not the parameters: free to change on resume.
-_MODEL_NOT_IDENTITY = ("remat", "dtype")
-
-
-def check_workdir_config(config: ml_collections.ConfigDict, workdir: str,
-                         record: bool = True, extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
-                         ) -> None:
-  """Records config.json on first use (unless not `record`); later runs must keep the model and
-  data the same, so that a mismatch is a clear error rather than a shape failure deep inside a
-  checkpoint restore. `extra`: (section, fields) pairs that must match too where the saved
-  config has them (AFM's network sizes)."""
-  path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    checks = [("model", None, False), ("data", _DATA_IDENTITY, False)]
-    checks += [(section, keys, True) for section, keys in extra]
-    for section, keys, only_saved in checks:
-      for key in sorted(keys or set(saved.get(section, {})) | set(current[section])):
-        if section == "model" and key in _MODEL_NOT_IDENTITY:
-          continue
-        if only_saved and key not in saved.get(section, {}):
-          continue   # a field older workdirs did not record
-        old, new = saved.get(section, {}).get(key), current[section].get(key)
-        if old != new:
-          raise ValueError(
-              f"config.{section}.{key} = {new!r} but {workdir} was trained with {old!r}; use "
-              f"the same config or a new --workdir")
-  elif record and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_steps: int | None = None) -> TrainState:
   """Trains (resuming from the latest checkpoint in `workdir`), evaluates and samples.
@@ -519,37 +478,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `stop_after_steps` ends this run early after that many steps (a checkpoint is written), as a
   preemption would; rerunning continues to `config.train.num_steps`.
   """
-  trainer = Trainer(config)
-  t = config.train
-  check_workdir_config(config, workdir)
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=t.keep_checkpoints)
-  writer = metrics.create_writer(workdir)
-  state = trainer.restore_or_init(ckpt)
-  start = int(state.step)
-  if start > 0:
-    logging.info("resumed from checkpoint at step %d of %d", start, t.num_steps)
-  else:
-    logging.info("starting from scratch: %d steps, %s parameters", t.num_steps,
-                 f"{sum(a.size for a in jax.tree.leaves(state.params)):,}")
-  end = t.num_steps if stop_after_steps is None else min(t.num_steps, start + stop_after_steps)
+  with rundir.hold(workdir) as run:
+    trainer = Trainer(config)
+    t = config.train
+    rundir.check_config(config, run)
+    ckpt = rundir.Checkpointer(run, max_to_keep=t.keep_checkpoints)
+    state = trainer.init() if ckpt.latest_step() is None else ckpt.restore(trainer.abstract_state)
+    start = int(state.step)
+    if start > 0:
+      logging.info("resumed from checkpoint at step %d of %d (%s)", start, t.num_steps,
+                   ckpt.directory)
+    else:
+      logging.info("starting from scratch: %d steps, %s parameters; checkpoints in %s",
+                   t.num_steps, f"{sum(a.size for a in jax.tree.leaves(state.params)):,}",
+                   ckpt.directory)
+    end = t.num_steps if stop_after_steps is None else min(t.num_steps, start + stop_after_steps)
+    writer = metrics.create_writer(run, start)
+    data = input_pipeline.train_iterator(config.data, global_batch_size=t.batch_size,
+                                         seed=config.seed, start_step=start)
+    base_key = jax.random.key(config.seed + 1)
+    with jax.set_mesh(trainer.mesh):
+      state, preempted = run_steps(
+          state, lambda s: trainer.train_step(s, trainer.batch_to_global(next(data)), base_key),
+          start=start, end=end, t=t, ckpt=ckpt, run=run, writer=writer,
+          flops_per_step=trainer.flops_per_step, num_devices=trainer.mesh.size,
+          device_kind=trainer.device_kind, eval_every=config.eval.every,
+          eval_fn=lambda s: trainer.evaluate(s, run, writer))
 
-  data = input_pipeline.train_iterator(config.data, global_batch_size=t.batch_size,
-                                       seed=config.seed, start_step=start)
-  base_key = jax.random.key(config.seed + 1)
-  with jax.set_mesh(trainer.mesh):
-    state, preempted = run_steps(
-        state, lambda s: trainer.train_step(s, trainer.batch_to_global(next(data)), base_key),
-        start=start, end=end, t=t, ckpt=ckpt, log_path=os.path.join(workdir, "train_log.jsonl"),
-        writer=writer, flops_per_step=trainer.flops_per_step, num_devices=trainer.mesh.size,
-        device_kind=trainer.device_kind, eval_every=config.eval.every,
-        eval_fn=lambda s: trainer.evaluate(s, workdir, writer))
-    def final(state):
-      trainer.evaluate(state, workdir, writer)
-      trainer.sample(state, workdir, writer)
-    return finish_run(state, preempted, t.num_steps, ckpt, writer, final)
+      def final(state):
+        trainer.evaluate(state, run, writer)
+        trainer.sample(state, run, writer)
+      return finish_run(state, preempted, t.num_steps, ckpt, writer, final)
 
 
-def finish_run(state, preempted: bool, num_steps: int, ckpt: checkpoint.Checkpointer, writer,
+def finish_run(state, preempted: bool, num_steps: int, ckpt: rundir.Checkpointer, writer,
                final_fn):
   """After `run_steps`, in every phase: on preemption only close the checkpointer (the saved step
   is where the rerun resumes); otherwise wait for the saves, run `final_fn(state)` (evaluation,
@@ -558,26 +520,29 @@ def finish_run(state, preempted: bool, num_steps: int, ckpt: checkpoint.Checkpoi
     ckpt.wait()
     if int(state.step) >= num_steps:
       final_fn(state)
-    writer.flush()
+  writer.close()
   ckpt.close()
   return state
 
 
 def run_steps(state: TrainState, step_fn, *, start: int, end: int, t: ml_collections.ConfigDict,
-              ckpt: checkpoint.Checkpointer, log_path: str, writer, flops_per_step: float,
+              ckpt: rundir.Checkpointer, run: rundir.RunDir, writer, flops_per_step: float,
               num_devices: int, device_kind: str, eval_every: int | None = None,
               eval_fn=None, section: str = "train") -> tuple[TrainState, bool]:
-  """The step loop every phase shares (FARMER training, distillation): steps start+1 .. end.
+  """The step loop every phase shares (FARMER training, distillation, AFM): steps start+1 .. end.
 
   `step_fn(state) -> (state, scalars)` runs one jitted step on the next batch. Every
   `t.log_every` steps the scalars' means, steps/s, ETA, TFLOP/s and MFU go to the console,
-  TensorBoard and `log_path` (JSON lines); every `t.checkpoint_every` steps, at `end` and on a
-  preemption signal the state is saved. A non-finite step stops the run (NonFiniteLossError)
-  unless `t.skip_nonfinite` (`t` is `config.<section>`). `eval_fn(state)` runs every `eval_every` steps before the last.
-  Returns (state, preempted): on preemption the checkpoint is saved and the loop returns early.
+  TensorBoard and `run.train_log` (JSON lines; the lines of steps after `start`, which a resumed
+  run replays, are dropped first); every `t.checkpoint_every` steps, at `end` and on SIGTERM /
+  SIGINT (farmer_jax/preemption.py) the state is saved. A non-finite step stops the run
+  (NonFiniteLossError) unless `t.skip_nonfinite` (`t` is `config.<section>`). `eval_fn(state)`
+  runs every `eval_every` steps before the last. Returns (state, preempted): on a signal the
+  checkpoint is saved and the loop returns early.
   """
   progress = metrics.Progress(start, t.num_steps)
   pending: list[dict] = []
+  rundir.truncate_log(run.train_log, start)
 
   def check_finite():
     bad = int(state.nonfinite_step)
@@ -588,98 +553,93 @@ def run_steps(state: TrainState, step_fn, *, start: int, end: int, t: ml_collect
           f"(step {ckpt.latest_step()}) holds finite parameters. Lower config.{section}.learning_rate "
           f"or set config.{section}.skip_nonfinite=True to skip such steps.")
 
-  for step in range(start + 1, end + 1):
-    state, scalars = step_fn(state)
-    pending.append(scalars)
-    done = step == end
-    if step % t.log_every == 0 or done:
-      check_finite()
-      summary = metrics.mean_of(pending)
-      summary.update(progress.update(step))
-      summary.update(metrics.throughput(summary["steps_per_sec"], flops_per_step, num_devices,
-                                        device_kind))
-      pending = []
-      writer.write_scalars(step, summary)
-      metrics.append_jsonl(log_path, {"step": step, **summary})
-      logging.info(metrics.format_scalars(step, t.num_steps, summary))
-    preempted = ckpt.reached_preemption(step)
-    if step % t.checkpoint_every == 0 or done or preempted:
-      check_finite()
-      ckpt.save(step, state, force=True)
-      if preempted:
-        logging.info("preemption signal at step %d: checkpoint saved, exiting", step)
-        return state, True
-    if eval_every and eval_fn is not None and step % eval_every == 0 and step != t.num_steps:
-      eval_fn(state)
+  with preemption.handle_signals():
+    for step in range(start + 1, end + 1):
+      state, scalars = step_fn(state)
+      if step == start + 1:
+        rundir.started()
+      pending.append(scalars)
+      done = step == end
+      if step % t.log_every == 0 or done:
+        check_finite()
+        summary = metrics.mean_of(pending)
+        summary.update(progress.update(step))
+        summary.update(metrics.throughput(summary["steps_per_sec"], flops_per_step, num_devices,
+                                          device_kind))
+        pending = []
+        writer.write_scalars(step, summary)
+        rundir.append_jsonl(run.train_log, {"step": step, **summary})
+        logging.info(metrics.format_scalars(step, t.num_steps, summary))
+      preempted = preemption.reached(step, ckpt)
+      if step % t.checkpoint_every == 0 or done or preempted:
+        check_finite()
+        ckpt.save(step, state)
+        if preempted:
+          ckpt.wait()
+          writer.flush()
+          logging.warning("%s: checkpoint of step %d saved in %s; exiting. Rerun the same command "
+                          "to resume from step %d.", preemption.signal_name() or "preemption",
+                          step, ckpt.directory, step)
+          return state, True
+        writer.flush()
+      if eval_every and eval_fn is not None and step % eval_every == 0 and step != t.num_steps:
+        eval_fn(state)
   return state, False
 
 
-def restore_latest_checkpoint(config, workdir: str, abstract_state, what: str = "",
-                              config_file: str = "...", extra=(), restore=None):
-  """The latest checkpoint of `workdir` onto `abstract_state`'s shardings, after checking the
-  config against the workdir's (`extra` as in `check_workdir_config`); a clear error when there
-  is none. `restore(ckpt, step)` replaces the full restore (e.g. `Trainer.restore_eval_state`)."""
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(
-        f"no {what}checkpoint in {ckpt.directory}: train first with python -m "
-        f"farmer_jax.main --config={config_file} --workdir={workdir}")
-  check_workdir_config(config, workdir, record=False, extra=extra)
-  state = (restore(ckpt, ckpt.latest_step()) if restore is not None
-           else ckpt.restore(abstract_state))
-  ckpt.close()
-  return state
-
-
-def restore_frozen(config, trainer: Trainer, workdir: str, step: int | None, *, what: str,
+def restore_frozen(config, trainer: Trainer, workdir, step: int | None, *, what: str,
                    workdir_field: str, step_field: str, check_step=None
                    ) -> tuple[TrainState, dict]:
   """A trained FARMER used frozen (distillation's teacher, AFM's latent space): step `step`
   (None: the latest) of `workdir`, its step and eval weights only, after checking the config
   against the workdir's. `check_step(step)` may refuse the step first. Clear errors name
   `workdir_field` / `step_field`. -> (state, {"workdir", "step"})."""
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  steps = sorted(ckpt.manager.all_steps())
+  run = rundir.RunDir(workdir)
+  ckpt = rundir.Checkpointer(run, read_only=True)
+  steps = ckpt.all_steps()
   if not steps:
     raise FileNotFoundError(
         f"no {what} checkpoint in {ckpt.directory}: train FARMER first (python -m "
         f"farmer_jax.main --config=... --workdir={workdir}), or point config.{workdir_field} at "
         f"a trained workdir")
-  step = step or steps[-1]
   if check_step is not None:
-    check_step(step)
-  if step not in steps:
+    check_step(steps[-1] if step is None else step)
+  if step is not None and step not in steps:
     raise FileNotFoundError(f"config.{step_field} = {step}: no such checkpoint in "
                             f"{ckpt.directory} (available: {steps})")
-  check_workdir_config(config, workdir, record=False)
+  rundir.check_config(config, run, record=False)
   state = trainer.restore_eval_state(ckpt, step)
+  if check_step is not None and step is None and int(state.step) != steps[-1]:
+    check_step(int(state.step))   # the newest checkpoint was damaged: an earlier one restored
   ckpt.close()
-  return state, {"workdir": workdir, "step": int(step)}
+  return state, {"workdir": str(run), "step": int(state.step)}
 
 
-def restore_latest(config, workdir: str) -> tuple[Trainer, TrainState]:
-  """The Trainer of `config` and the latest checkpoint of `workdir`, its eval weights only
+def restore_latest(config, workdir) -> tuple[Trainer, TrainState]:
+  """The Trainer of `config` and the latest intact checkpoint of `workdir`, its eval weights only
   (evaluate, sample, fid modes)."""
   trainer = Trainer(config)
-  return trainer, restore_latest_checkpoint(config, workdir, trainer.abstract_state,
-                                            restore=trainer.restore_eval_state)
+  run = rundir.RunDir(workdir)
+  ckpt = rundir.latest_checkpointer(run, "", f"train first with python -m farmer_jax.main "
+                                    f"--config=... --workdir={workdir}")
+  rundir.check_config(config, run, record=False)
+  state = trainer.restore_eval_state(ckpt, None)
+  ckpt.close()
+  return trainer, state
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """--mode=evaluate: test-split bpd of the latest checkpoint."""
-  trainer, state = restore_latest(config, workdir)
-  with jax.set_mesh(trainer.mesh):
-    return trainer.evaluate(state, workdir)
+  with rundir.hold(workdir) as run:
+    trainer, state = restore_latest(config, workdir)
+    with jax.set_mesh(trainer.mesh):
+      return trainer.evaluate(state, run, mode="evaluate")
 
 
 def sample_latest(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """--mode=sample: a sample grid and npz from the latest checkpoint; decoded by the distilled
-  student when `sample.decoder` is "student", or "auto" and <workdir>/distill holds one."""
-  decoder = config.sample.get("decoder", "auto")
-  if decoder != "exact":
-    from farmer_jax import distill  # noqa: PLC0415 (distill imports this module)
-    if decoder == "student" or distill.has_student(workdir):
-      return distill.sample_with_student(config, workdir)
-  trainer, state = restore_latest(config, workdir)
-  with jax.set_mesh(trainer.mesh):
-    return trainer.sample(state, workdir)
+  """--mode=sample with the exact inverse: samples_<step>_<tag>.npz and .png from the latest
+  checkpoint (`modes.sample` chooses between this and the distilled student)."""
+  with rundir.hold(workdir) as run:
+    trainer, state = restore_latest(config, workdir)
+    with jax.set_mesh(trainer.mesh):
+      return trainer.sample(state, run, tag=rundir.sample_tag(config.sample, "exact"))

@@ -23,15 +23,14 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
 
-# Test files, heaviest first (their summed durations on the 2-core CI machine, 2026-11-23: train
-# ~190 s, sharding ~180, distill ~170, models ~130, sampling ~110, multiprocess ~100, afm ~65,
-# configs ~45, fid ~40, launch ~40; the rest are seconds). pytest.ini's --no-loadscope-reorder
-# makes xdist hand whole files to the two workers in this order, so the long ones start first and
-# the short ones fill the gaps: ordered by test count instead, a worker sat idle for about a
-# minute at the end (616 s against about 545 s expected).
+# Test files, heaviest first by their summed durations on the 2-core CI machine. pytest.ini's
+# --no-loadscope-reorder makes xdist hand whole files to the two workers in this order, so the long
+# ones start first and the short ones fill the gaps (ordered by test count instead, a worker sat
+# idle for about a minute at the end).
 HEAVIEST_FIRST = ("test_train.py", "test_sharding.py", "test_distill.py", "test_models.py",
-                  "test_sampling.py", "test_multiprocess.py", "test_afm.py", "test_configs.py",
-                  "test_fid.py", "test_launch.py")
+                  "test_multiprocess.py", "test_sampling.py", "test_remote_workdir.py",
+                  "test_rundir.py", "test_afm.py", "test_configs.py", "test_fid.py",
+                  "test_launch.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,6 +2,7 @@
 computation, the finite-difference R1 against autodiff, lambda_ot = 0, gradient normalisation,
 the EMA, resume, sampling and config errors."""
 import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+import signals
 from configs import afm_digits, afm_farmer_latent
-from farmer_jax import afm, checkpoint, sharding, train
+from farmer_jax import afm, rundir, sharding, train
 
 A = ml_collections.ConfigDict(dict(r_fraction=0.25, r_eps=0.01, r_weight=0.25, center_weight=0.01,
                                    num_steps=100, lambda_ot_max=0.2, lambda_ot_min=0.005))
@@ -170,17 +172,22 @@ def test_one_step_ema_state_and_sharding():
   assert np.isfinite(float(scalars["g_loss"])) and np.isfinite(float(scalars["d_loss"]))
 
 
-def test_resume_reproduces_the_uninterrupted_run_and_samples(tmp_path):
+def test_resume_reproduces_the_uninterrupted_run_and_samples(tmp_path, monkeypatch):
+  """Ctrl-C (SIGINT) during step 2 saves step 2 and returns; the rerun ends as the uninterrupted
+  run."""
   config = tiny_config()
   whole = afm.train_and_evaluate(config, str(tmp_path / "whole"))
   part_dir = str(tmp_path / "resumed")
-  first = afm.train_and_evaluate(config, part_dir, stop_after_steps=2)
+  with monkeypatch.context() as m:
+    signals.signal_at_batch(m, signal.SIGINT, at=1)
+    first = afm.train_and_evaluate(config, part_dir)
   assert int(first.step) == 2
+  assert rundir.Checkpointer(part_dir, read_only=True).all_steps() == [2]
   resumed = afm.train_and_evaluate(config, part_dir)
   assert int(resumed.step) == config.afm.num_steps
   for a, b in zip(jax.tree.leaves((whole.g, whole.d)), jax.tree.leaves((resumed.g, resumed.d))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  assert checkpoint.Checkpointer(part_dir, read_only=True).latest_step() == config.afm.num_steps
+  assert rundir.Checkpointer(part_dir, read_only=True).latest_step() == config.afm.num_steps
   npz = afm.sample_latest(config, part_dir)
   with np.load(npz) as f:
     assert f["images"].shape == (20, 8, 8, 1) and f["images"].max() < 17

@@ -3,6 +3,7 @@ initialisation, the loss of Algorithm 2, a run that lowers it, resume, sampling,
 Also AFM on FARMER's latents (farmer_jax/afm_latent.py), which needs the same trained and
 distilled workdir (kept in this file so that the workdir is trained once)."""
 import json
+import signal
 import os
 
 import jax
@@ -10,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import signals
 from configs import afm_farmer_latent, digits
-from farmer_jax import afm, afm_latent, checkpoint, distill, input_pipeline, sharding, train
+from farmer_jax import afm, afm_latent, distill, input_pipeline, modes, rundir, sharding, train
 from farmer_jax.models import farmer, flow
 
 
@@ -128,7 +130,7 @@ def test_student_starts_as_the_teacher(teacher_dir):
   assert info["step"] == TEACHER_STEP
   # Only the teacher's eval weights were read; they are the full checkpoint's.
   assert teacher_state.opt_state is None and int(teacher_state.step) == TEACHER_STEP
-  full = checkpoint.Checkpointer(teacher_dir, read_only=True).restore(dist.trainer.abstract_state,
+  full = rundir.Checkpointer(teacher_dir, read_only=True).restore(dist.trainer.abstract_state,
                                                                       TEACHER_STEP)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), teacher_flow,
                full.ema_params["flow"])
@@ -142,7 +144,7 @@ def test_student_starts_as_the_teacher(teacher_dir):
 def test_distillation_lowers_loss_writes_outputs(distilled):
   workdir, state = distilled
   c = tiny_distill()
-  out = distill.subdir(workdir)
+  out = str(rundir.RunDir(workdir).distill)
   assert int(state.step) == c.distill.num_steps
   with open(os.path.join(out, "teacher.json")) as f:
     assert json.load(f) == {"workdir": os.path.abspath(workdir), "step": TEACHER_STEP}
@@ -171,13 +173,17 @@ def test_distillation_lowers_loss_writes_outputs(distilled):
   assert after["mse_clean"] < before["mse_clean"], (before, after)
 
 
-def test_distillation_resumes_exactly(teacher_dir, distilled, tmp_path):
-  """Stopped after 10 of 20 steps and rerun: the same student as the uninterrupted run."""
+def test_distillation_resumes_exactly(teacher_dir, distilled, tmp_path, monkeypatch):
+  """SIGTERM during step 10 of 20 saves step 10 and returns; the rerun gives the same student as
+  the uninterrupted run."""
   _, reference = distilled
   c = tiny_distill(teacher_workdir=teacher_dir)
   workdir = str(tmp_path)
-  distill.distill_and_evaluate(c, workdir, stop_after_steps=10)
-  assert checkpoint.Checkpointer(distill.subdir(workdir), read_only=True).latest_step() == 10
+  with monkeypatch.context() as m:
+    signals.signal_at_batch(m, signal.SIGTERM, at=9)
+    stopped = distill.distill_and_evaluate(c, workdir)
+  assert int(stopped.step) == 10
+  assert rundir.Checkpointer(str(rundir.RunDir(workdir).distill), read_only=True).all_steps() == [10]
   state = distill.distill_and_evaluate(c, workdir)
   assert int(state.step) == 20
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -191,11 +197,15 @@ def test_distillation_resumes_exactly(teacher_dir, distilled, tmp_path):
 def test_sample_mode_decodes_with_the_student(distilled):
   workdir, _ = distilled
   c = digits.get_config("tiny")
-  student_npz = train.sample_latest(c, workdir)                # decoder "auto": student found
-  assert student_npz.endswith(f"samples_{TEACHER_STEP}_student.npz")
+  student_npz = modes.sample(c, workdir)                # decoder "auto": student found
+  assert os.path.basename(student_npz).startswith(f"samples_{TEACHER_STEP}_student_")
   c.sample.decoder = "exact"
-  exact_npz = train.sample_latest(c, workdir)
-  assert exact_npz.endswith(f"samples_{TEACHER_STEP}.npz")
+  exact_npz = modes.sample(c, workdir)
+  assert os.path.basename(exact_npz).startswith(f"samples_{TEACHER_STEP}_exact_")
+  # The npz says what made it.
+  info = json.loads(str(np.load(student_npz)["info"]))
+  assert info["decoder"] == "student" and info["step"] == TEACHER_STEP
+  assert info["sample"]["guidance"] == c.sample.guidance and info["seed"] == c.sample.seed
   student, exact = np.load(student_npz)["images"], np.load(exact_npz)["images"]
   # Same latents (same key) decoded two ways: close, and not the same function.
   diff = np.abs(student.astype(int) - exact.astype(int))
@@ -215,8 +225,8 @@ def test_clear_errors(teacher_dir, tmp_path):
   c = digits.get_config("tiny")
   c.sample.decoder = "student"
   with pytest.raises(FileNotFoundError, match="no distilled student"):
-    train.sample_latest(c, teacher_dir if not distill.has_student(teacher_dir)
-                        else str(tmp_path / "none"))
+    modes.sample(c, teacher_dir if not rundir.has_student(teacher_dir)
+                 else str(tmp_path / "none"))
   with pytest.raises(ValueError, match="config.distill.noise_max"):
     train.validate_config(tiny_distill(noise_max=-1.0))
   with pytest.raises(ValueError, match="config.sample.decoder"):

@@ -5,6 +5,7 @@ The Inception network here has random weights and a 75-px input (the smallest it
 CI fast: these tests judge the plumbing, never the numbers. Parity with pytorch-fid's network is
 tests/test_inception_parity.py (needs torch; out of CI).
 """
+import glob
 import json
 import os
 
@@ -15,7 +16,7 @@ import pytest
 import scipy.linalg
 
 from configs import digits
-from farmer_jax import checkpoint, input_pipeline, sample, sharding, train
+from farmer_jax import input_pipeline, rundir, sample, sharding, train
 from farmer_jax.evaluation import fid_mode, inception, scores, weights
 
 # ------------------------------------------------------------------ scores vs plain numpy / scipy
@@ -174,9 +175,9 @@ def tiny_workdir(tmp_path_factory):
   c = digits.get_config("tiny")
   c.sample.update(guidance="none", batch_size=24)     # one small sampler compilation
   trainer = train.Trainer(c)
-  train.check_workdir_config(c, workdir)
-  ckpt = checkpoint.Checkpointer(workdir)
-  ckpt.save(0, trainer.init(), force=True)
+  rundir.check_config(c, rundir.RunDir(workdir))
+  ckpt = rundir.Checkpointer(workdir)
+  ckpt.save(0, trainer.init())
   ckpt.close()
   return workdir, c
 
@@ -184,7 +185,9 @@ def tiny_workdir(tmp_path_factory):
 def test_fid_mode_end_to_end_writes_json_and_adm_samples(tiny_workdir):
   workdir, c = tiny_workdir
   result = fid_mode.evaluate_fid(fid_config(c), workdir)
-  with open(os.path.join(workdir, "eval", "fid_0.json")) as f:
+  [path] = glob.glob(os.path.join(workdir, "eval", "fid_0_*.json"))   # tag: what made them
+  assert os.path.basename(path).startswith("fid_0_exact_none_s0_")
+  with open(path) as f:
     written = json.load(f)
   assert written == json.loads(json.dumps(result))
   assert written["num_samples"] == 24 and written["num_reference"] == 24 and written["step"] == 0
@@ -209,6 +212,10 @@ def test_fid_mode_end_to_end_writes_json_and_adm_samples(tiny_workdir):
   assert second["reference_stats"].startswith("features of arr_0")
   # arr_0 rounds levels to 0..255 integers, so the reference features differ a little.
   assert second["fid"] == pytest.approx(written["fid"], rel=0.05)
+  # Nothing was replaced: the first run's files are still there, next to the second's.
+  assert len(glob.glob(os.path.join(workdir, "eval", "fid_0_*.json"))) == 2
+  with open(path) as f:
+    assert json.load(f) == written
 
 
 def test_fid_mode_fails_before_sampling_without_weights_or_reference(tiny_workdir):

@@ -1,5 +1,6 @@
 """Two local processes of 4 CPU devices each, joined with jax.distributed on a loopback coordinator,
-train the digits config exactly as one process of 8 devices does."""
+train the digits config exactly as one process of 8 devices does, across a preemption: one host
+gets SIGTERM, both save the same step and exit 0, and the rerun finishes the run."""
 import json
 import os
 import socket
@@ -10,10 +11,10 @@ import jax
 import numpy as np
 
 from configs import digits
-from farmer_jax import checkpoint, input_pipeline, train
+from farmer_jax import input_pipeline, rundir, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 4
+STEPS = 6
 # Batch sizes stay those of configs/digits.py:tiny, so the reference run's compilations can come
 # from the session's compile cache when another test trained that config first.
 OVERRIDES = {"train.num_steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 2}
@@ -30,16 +31,47 @@ def read_log(workdir) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def test_two_processes_train_like_one_process_of_eight_devices(tmp_path):
+# The command line, in a process that sends itself SIGTERM when it draws training batch AT (only
+# where PREEMPT_AT is set): one host of the two is preempted mid-run.
+_DRIVER = """
+import os, signal, sys
+from absl import app
+from farmer_jax import input_pipeline, main
+AT = int(os.environ.get("PREEMPT_AT", -1))
+real = input_pipeline.train_iterator
+def signalling(*args, **kwargs):
+  for i, batch in enumerate(real(*args, **kwargs)):
+    if i == AT:
+      os.kill(os.getpid(), signal.SIGTERM)
+    yield batch
+input_pipeline.train_iterator = signalling
+sys.argv = ["farmer_jax.main"] + sys.argv[1:]
+app.run(main.main)
+"""
+
+
+def start_two_processes(multi, preempt_process=None):
   port = free_port()
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              CUDA_VISIBLE_DEVICES="")
-  multi = tmp_path / "two_processes"
-  cmd = [sys.executable, "-m", "farmer_jax.main", "--config=configs/digits.py:tiny",
+  cmd = [sys.executable, "-c", _DRIVER, "--config=configs/digits.py:tiny",
          f"--workdir={multi}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
          *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
-  procs = [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  return [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, text=True,
+                           env=dict(env, PREEMPT_AT="1") if i == preempt_process else env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+
+
+def finish(procs) -> list[str]:
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+  return outputs
+
+
+def test_two_processes_train_like_one_process_of_eight_devices(tmp_path):
+  multi = tmp_path / "two_processes"
+  procs = start_two_processes(multi, preempt_process=1)
 
   # Meanwhile, the reference: this process, 8 devices, the same config and data, the same steps
   # (without the final sampling, which needs no comparison).
@@ -59,10 +91,16 @@ def test_two_processes_train_like_one_process_of_eight_devices(tmp_path):
       ref_losses.append(float(scalars["loss"]))
     bpd_single = trainer.evaluate(ref_state, str(single))["bpd"]
 
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for i, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
+  outputs = finish(procs)
   assert "process 1/2, 8 devices (4 local)" in outputs[1]
+  # Both hosts stopped at the same step, saved it, and exited 0 before the end.
+  stopped = rundir.Checkpointer(str(multi), read_only=True).latest_step()
+  assert 2 <= stopped < STEPS, outputs[1][-3000:]
+  for out in outputs:
+    assert f"preemption: checkpoint of step {stopped} saved" in out, out[-3000:]
+  assert not (multi / "eval").exists() and not (multi / "lock.json").exists()
+  outputs = finish(start_two_processes(multi))
+  assert f"resumed from checkpoint at step {stopped}" in outputs[0]
 
   got = read_log(multi)
   assert [r["step"] for r in got] == list(range(1, STEPS + 1))
@@ -70,7 +108,7 @@ def test_two_processes_train_like_one_process_of_eight_devices(tmp_path):
 
   # The checkpoint both processes wrote is complete: it restores, at the last step, onto a
   # different device layout (this process's 8 devices), with the reference's parameters.
-  ckpt = checkpoint.Checkpointer(str(multi), read_only=True)
+  ckpt = rundir.Checkpointer(str(multi), read_only=True)
   assert ckpt.latest_step() == STEPS
   restored = ckpt.restore(trainer.abstract_state)
   diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from farmer_jax import checkpoint, input_pipeline, sharding, train
+from farmer_jax import input_pipeline, rundir, sharding, train
 from farmer_jax.models import farmer
 
 
@@ -125,12 +125,12 @@ def test_large_parameters_are_sharded_under_fsdp():
 
 def test_checkpoint_from_one_mesh_restores_under_another(tmp_path, mesh_run):
   _, params_a, _, state_a = mesh_run
-  ckpt = checkpoint.Checkpointer(str(tmp_path))
-  ckpt.save(2, state_a, force=True)
+  ckpt = rundir.Checkpointer(str(tmp_path))
+  ckpt.save(2, state_a)
   ckpt.close()
 
   trainer_b = train.Trainer(small_config(data=1, fsdp=4, tensor=2))
-  restored = checkpoint.Checkpointer(str(tmp_path), read_only=True).restore(trainer_b.abstract_state)
+  restored = rundir.Checkpointer(str(tmp_path), read_only=True).restore(trainer_b.abstract_state)
   assert int(restored.step) == 2
   assert max_abs_diff(jax.device_get(restored.params), params_a) == 0.0
   assert max_abs_diff(jax.device_get(restored.opt_state), jax.device_get(state_a.opt_state)) == 0.0

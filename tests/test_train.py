@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import digits
-from farmer_jax import checkpoint, train
+from farmer_jax import modes, rundir, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def test_train_writes_checkpoint_eval_and_samples(trained_workdir):
   workdir, state = trained_workdir
   c = tiny()
   assert int(state.step) == c.train.num_steps
-  assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == c.train.num_steps
+  assert rundir.Checkpointer(workdir, read_only=True).latest_step() == c.train.num_steps
   with open(os.path.join(workdir, "eval", "metrics.json")) as f:
     m = json.load(f)
   assert m["step"] == c.train.num_steps and m["split"] == "test" and m["num_examples"] == 360
@@ -46,22 +46,38 @@ def test_train_writes_checkpoint_eval_and_samples(trained_workdir):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
 
 
+def read_history(workdir):
+  with open(os.path.join(workdir, "eval", "history.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
 def test_evaluate_and_sample_modes_use_latest_checkpoint(trained_workdir):
   workdir, _ = trained_workdir
+  step = tiny().train.num_steps
+  end_of_run = open(os.path.join(workdir, "samples", f"samples_{step}.npz"), "rb").read()
   result = train.evaluate(tiny(), workdir)
-  with open(os.path.join(workdir, "eval", "metrics.json")) as f:
-    first = json.loads(open(os.path.join(workdir, "eval", "history.jsonl")).readline())
-  assert result["step"] == tiny().train.num_steps
-  np.testing.assert_allclose(result["bpd"], first["bpd"], rtol=1e-5)  # same params, same dequant seed
-  npz = train.sample_latest(tiny(), workdir)
-  assert os.path.exists(npz)
+  train.evaluate(tiny(), workdir)
+  history = read_history(workdir)
+  assert [(r["step"], r["mode"]) for r in history] == [(step, "train"), (step, "evaluate")]
+  assert result["step"] == step
+  np.testing.assert_allclose(result["bpd"], history[0]["bpd"], rtol=1e-5)  # same params and keys
+  npz = modes.sample(tiny(), workdir)
+  assert os.path.basename(npz).startswith(f"samples_{step}_exact_resample_s0_")
+  info = json.loads(str(np.load(npz)["info"]))
+  assert info == {"step": step, "decoder": "exact", "seed": 0, "sample": tiny().sample.to_dict()}
+  written = os.stat(npz).st_mtime_ns
+  assert modes.sample(tiny(), workdir) == npz and os.stat(npz).st_mtime_ns == written   # kept
+  # The end-of-run samples are never replaced.
+  assert open(os.path.join(workdir, "samples", f"samples_{step}.npz"), "rb").read() == end_of_run
 
 
 def test_sample_mode_chosen_classes_with_guidance(trained_workdir):
   workdir, _ = trained_workdir
   c = tiny()
-  c.sample.update(classes="3,5", per_class=3, batch_size=4, guidance="naive", w=2.0)
-  s = np.load(train.sample_latest(c, workdir))
+  c.sample.update(classes="3,5", per_class=3, batch_size=4, guidance="naive", w=2.0, name="n2")
+  npz = modes.sample(c, workdir)
+  assert os.path.basename(npz) == f"samples_{c.train.num_steps}_n2.npz"
+  s = np.load(npz)
   np.testing.assert_array_equal(s["labels"], [3, 3, 3, 5, 5, 5])
   assert s["images"].shape == (6, 8, 8, 1) and s["images"].max() <= 16
 
@@ -121,7 +137,7 @@ def test_nonfinite_loss_stops_keeps_checkpoints_finite_and_skip_continues(tmp_pa
   c = exploding()
   with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss or gradients at step \d+"):
     train.train_and_evaluate(c, str(tmp_path))
-  ckpt = checkpoint.Checkpointer(str(tmp_path), read_only=True)
+  ckpt = rundir.Checkpointer(str(tmp_path), read_only=True)
   for step in ckpt.manager.all_steps():
     state = ckpt.restore(train.Trainer(c).abstract_state, step)
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
@@ -162,6 +178,48 @@ def test_unknown_config_field_is_rejected(tmp_path, section):
     train.validate_config(c)
 
 
+# Runs the command line in a process that sends itself `SIGNAL` while the training loop draws
+# batch `AT` (0-based), so the signal lands mid-run at a known step whatever the machine's speed.
+_SIGNAL_DRIVER = """
+import os, signal, sys
+from absl import app
+from farmer_jax import input_pipeline, main
+SIGNAL, AT = signal.{signal}, {at}
+real = input_pipeline.train_iterator
+def signalling(*args, **kwargs):
+  for i, batch in enumerate(real(*args, **kwargs)):
+    if i == AT:
+      os.kill(os.getpid(), SIGNAL)
+    yield batch
+input_pipeline.train_iterator = signalling
+sys.argv = ["farmer_jax.main"] + sys.argv[1:]
+app.run(main.main)
+"""
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_the_rerun_matches(trained_workdir, tmp_path):
+  """SIGTERM (a preemption) mid-run: a checkpoint of that step, exit 0 with a line saying so; the
+  rerun resumes there and ends with the uninterrupted run's parameters."""
+  _, uninterrupted = trained_workdir
+  workdir = tmp_path / "w"
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+             " --xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="3",
+             PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, "-c", _SIGNAL_DRIVER.format(signal="SIGTERM", at=6),
+                        f"--config={REPO}/configs/digits.py:tiny", f"--workdir={workdir}"],
+                       env=env, capture_output=True, text=True, timeout=400)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert (f"SIGTERM: checkpoint of step 7 saved in {workdir}/checkpoints; exiting. Rerun the "
+          f"same command to resume from step 7.") in out.stderr
+  assert rundir.Checkpointer(str(workdir), read_only=True).all_steps() == [7]
+  assert not (workdir / "eval").exists() and not (workdir / "lock.json").exists()
+  resumed = train.train_and_evaluate(tiny(), str(workdir))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), resumed.params,
+               uninterrupted.params)
+  log = [json.loads(line) for line in open(workdir / "train_log.jsonl")]
+  assert [r["step"] for r in log] == [5, 10, 15, 20]
+
+
 def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
   """The README's promise: kill -9 the training command at any time, rerun it, it resumes."""
   workdir = str(tmp_path / "w")
@@ -182,10 +240,10 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  killed_at = checkpoint.Checkpointer(workdir, read_only=True).latest_step()
+  killed_at = rundir.Checkpointer(workdir, read_only=True).latest_step()
   assert killed_at is not None and 20 <= killed_at < 60
   out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"resumed from checkpoint at step {killed_at}" in out.stderr
-  assert checkpoint.Checkpointer(workdir, read_only=True).latest_step() == 60
+  assert rundir.Checkpointer(workdir, read_only=True).latest_step() == 60
   assert os.path.exists(os.path.join(workdir, "eval", "metrics.json"))

@@ -12,26 +12,29 @@ then their features and the scores. Features are computed in fixed global batche
 back replicated); statistics and scores are then computed on the host (FID, IS) and on one device
 (precision/recall), identically on every process.
 
-Writes W/eval/fid_<step>.json: fid, inception_score (+ _std), precision, recall, num_samples,
+Writes W/eval/fid_<step>_<tag>.json: fid, inception_score (+ _std), precision, recall, num_samples,
 num_reference, the reference and how its statistics were obtained, the Inception weights and input
 convention, the sample settings, timings; and, unless fid.save_samples=False or the samples came
-from a file, W/samples/fid_samples_<step>.npz (with `arr_0`, so ADM's evaluator reads it).
-Decoded by the distilled student (`sample.decoder`, as --mode=sample; the step is then the teacher's
-and the names end in `_student`) when W/distill holds one.
+from a file, W/samples/fid_samples_<step>_<tag>.npz (with `arr_0`, so ADM's evaluator reads it).
+The tag names the decoder, guidance, seed and a hash of the sample and FID settings; an existing
+name gets -2, -3, ... Decoded by the distilled student (`sample.decoder`, as --mode=sample; the
+step is then the teacher's) when W/distill holds one.
 """
 import functools
-import os
+import io
+import json
 import re
 import time
 from typing import Iterable, Iterator
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from farmer_jax import distill, input_pipeline, metrics, sample, sharding, train
+from farmer_jax import distill, input_pipeline, rundir, sample, sharding, train
 from farmer_jax.evaluation import fid_config, inception, scores, weights
 
 ADM_REFERENCE_BATCHES = "https://github.com/openai/guided-diffusion/tree/main/evaluations"
@@ -128,7 +131,7 @@ def check_reference(spec: str | None) -> None:
         "config.fid.reference is not set: pass ADM's reference batch for the data set (for "
         f"ImageNet 256: VIRTUAL_imagenet256_labeled.npz, linked from {ADM_REFERENCE_BATCHES}), "
         "or 'tfds:<split>' of config.data, e.g. --config.fid.reference=tfds:test")
-  if not spec.startswith(fid_config.TFDS_PREFIX) and not os.path.exists(spec):
+  if not spec.startswith(fid_config.TFDS_PREFIX) and not epath.Path(spec).exists():
     raise FileNotFoundError(
         f"config.fid.reference = {spec!r} does not exist. ADM's reference batches (ImageNet 256: "
         f"VIRTUAL_imagenet256_labeled.npz) are linked from {ADM_REFERENCE_BATCHES}; farmer_jax "
@@ -150,7 +153,7 @@ def reference_features(config: ml_collections.ConfigDict, extractor: FeatureExtr
     mu, sigma = scores.statistics(pool3)
     return {"mu": mu, "sigma": sigma, "pool3": pool3, "num_reference": n,
             "stats_source": f"features of {n} images of {data.name}:{data.eval_split}"}
-  with np.load(spec) as z:
+  with np.load(_read(spec)) as z:
     images = z["arr_0"][:limit] if "arr_0" in z.files else None
     stats = (z["mu"], z["sigma"]) if {"mu", "sigma"} <= set(z.files) else None
   if images is None and stats is None:
@@ -159,16 +162,21 @@ def reference_features(config: ml_collections.ConfigDict, extractor: FeatureExtr
   pool3 = None
   if images is not None:
     check_uint8_images(images, f"config.fid.reference = {spec!r}: arr_0")
-    pool3 = extractor.from_array(images, 256, f"reference {os.path.basename(spec)}")["pool3"]
+    pool3 = extractor.from_array(images, 256, f"reference {epath.Path(spec).name}")["pool3"]
   if stats is not None:   # ADM's evaluator also prefers the batch's stored statistics for FID
     if fid.preprocess != "adm":
       logging.warning("the reference's stored mu/sigma come from TF's graph (ADM's input "
                       "convention) but config.fid.preprocess=%s", fid.preprocess)
-    mu, sigma, source = stats[0], stats[1], f"mu/sigma stored in {os.path.basename(spec)}"
+    mu, sigma, source = stats[0], stats[1], f"mu/sigma stored in {epath.Path(spec).name}"
   else:
-    (mu, sigma), source = scores.statistics(pool3), f"features of arr_0 of {os.path.basename(spec)}"
+    (mu, sigma), source = scores.statistics(pool3), f"features of arr_0 of {epath.Path(spec).name}"
   return {"mu": mu, "sigma": sigma, "pool3": pool3, "stats_source": source,
           "num_reference": None if pool3 is None else len(pool3)}
+
+
+def _read(path) -> io.BytesIO:
+  """A file on any filesystem epath reaches (local, gs://, ...), for np.load."""
+  return io.BytesIO(epath.Path(path).read_bytes())
 
 
 def check_uint8_images(images: np.ndarray, what: str) -> None:
@@ -177,12 +185,22 @@ def check_uint8_images(images: np.ndarray, what: str) -> None:
                      f"{list(images.shape)}")
 
 
+def samples_step(path: str) -> int:
+  """The checkpoint step a samples npz came from: its `info` record (ours), else the digits of a
+  name ending in _<step>.npz, else 0."""
+  with np.load(_read(path)) as z:
+    if "info" in z.files:
+      return int(json.loads(str(z["info"])).get("step", 0))
+  match = re.search(r"_(\d+)\.npz$", path)
+  return int(match.group(1)) if match else 0
+
+
 def read_samples(path: str, num: int) -> tuple[np.ndarray, int]:
   """A samples npz: ours (images in native levels + num_levels) or ADM's (arr_0, 0..255).
   -> (the first `num` images, num_levels)."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"config.fid.samples = {path!r} does not exist")
-  with np.load(path) as z:
+  with np.load(_read(path)) as z:
     if {"images", "num_levels"} <= set(z.files):
       images, levels = z["images"][:num], int(z["num_levels"])
     elif "arr_0" in z.files:
@@ -203,7 +221,13 @@ def read_samples(path: str, num: int) -> tuple[np.ndarray, int]:
 
 
 def evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """--mode=fid (see the module docstring); returns what it writes to W/eval/fid_<step>.json."""
+  """--mode=fid (see the module docstring); returns what it writes to W/eval/fid_<step>_<tag>.json
+  (the tag as for --mode=sample, with the FID settings in its hash)."""
+  with rundir.hold(workdir):
+    return _evaluate_fid(config, workdir)
+
+
+def _evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
   fid = config.fid
   train.validate_config(config)
   check_reference(fid.reference)
@@ -214,11 +238,11 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
   trainer = state = student = None
   decoder = "exact"
   if fid.samples is None:
-    if config.sample.decoder == "student" or (config.sample.decoder == "auto"
-                                              and distill.has_student(workdir)):
+    decoder = rundir.decoder(config, workdir)
+    if decoder == "student":
       # The distilled student decodes, with the prior of the teacher step it was distilled from.
       dist, state, student_state, _ = distill.restore_student(config, workdir)
-      trainer, decoder = dist.trainer, "student"
+      trainer = dist.trainer
       student = (dist.student, dist.student_params(student_state))
     else:
       trainer, state = train.restore_latest(config, workdir)
@@ -226,7 +250,10 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     mesh = sharding.make_mesh(config.sharding.mesh)
     rules = sharding.rules_from_config(config.sharding.rules)
-  tag = "_student" if decoder == "student" else ""   # output names, next to the exact decoder's
+  run = rundir.RunDir(workdir)
+  # Output names say what made them: the sampler (or the samples file) and the FID settings.
+  tag = rundir.sample_tag(config.sample, decoder, {"fid": fid.to_dict()}) if fid.samples is None \
+      else "file_" + rundir.hashed(fid.to_dict())
   seconds = {}
   with jax.set_mesh(mesh):
     extractor = FeatureExtractor(variables, mesh, rules, fid)
@@ -242,15 +269,16 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
       images = trainer.generate(state, labels, student=student)
       num_levels = trainer.model_config.num_levels
       samples_npz = None
-      if fid.save_samples and jax.process_index() == 0:
-        samples_npz = os.path.join(workdir, "samples", f"fid_samples_{step}{tag}.npz")
-        os.makedirs(os.path.dirname(samples_npz), exist_ok=True)
-        sample.save_npz(samples_npz, images, labels, num_levels)
+      if fid.save_samples:
+        info = {"step": step, "decoder": decoder, "seed": config.sample.seed,
+                "sample": config.sample.to_dict()}
+        samples_npz = str(rundir.write_npz(
+            rundir.unique(run.samples_dir / f"fid_samples_{step}_{tag}.npz"),
+            **sample.npz_arrays(images, labels, num_levels, info)))
         logging.info("wrote %s", samples_npz)
     else:
       images, num_levels = read_samples(fid.samples, fid.num_samples)
-      match = re.search(r"_(\d+)\.npz$", fid.samples)
-      step, samples_npz = int(match.group(1)) if match else 0, fid.samples
+      step, samples_npz = samples_step(fid.samples), fid.samples
     seconds["sampling"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -289,5 +317,5 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.warning("RANDOM Inception weights: %s", weights.RANDOM_NOTE)
   logging.info("FID %.4g, IS %.4g +- %.2g, precision %s, recall %s (%d samples, step %d)",
                result["fid"], is_mean, is_std, precision, recall, len(images), step)
-  metrics.write_json(os.path.join(workdir, "eval", f"fid_{step}{tag}.json"), result)
+  rundir.write_json(rundir.unique(run.eval_dir / f"fid_{step}_{tag}.json"), result)
   return result

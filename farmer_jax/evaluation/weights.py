@@ -14,12 +14,12 @@ writes the converted variables as an `.npz` (keys "params/Mixed_5b/branch1x1/con
 import collections
 import functools
 import io
-import os
 import pickle
 import struct
 import sys
 import zipfile
 
+from etils import epath
 import flax
 import jax
 import numpy as np
@@ -125,8 +125,8 @@ class _Unpickler(pickle.Unpickler):
     return self.storages.setdefault(str(pid[2]), _Storage(pid[1]))
 
 
-def _read_zip(path: str):
-  with zipfile.ZipFile(path) as z:
+def _read_zip(path: str, data: io.BytesIO):
+  with zipfile.ZipFile(data) as z:
     pkl = [n for n in z.namelist() if n.endswith("data.pkl")]
     if len(pkl) != 1:
       raise ValueError(f"{path}: a zip .pth holds one data.pkl, found {pkl}")
@@ -142,29 +142,32 @@ def _read_zip(path: str):
   return obj
 
 
-def _read_legacy(path: str):
+def _read_legacy(path: str, f: io.BytesIO):
   """torch.save(..., _use_new_zipfile_serialization=False), the format of torch < 1.6."""
-  with open(path, "rb") as f:
-    try:
-      magic, _, sys_info = (pickle.load(f) for _ in range(3))
-    except Exception as e:
-      raise ValueError(f"{path} is neither a zip .pth nor a legacy torch.save file") from e
-    if magic != _LEGACY_MAGIC:
-      raise ValueError(f"{path} is neither a zip .pth nor a legacy torch.save file")
-    order = "<" if sys_info.get("little_endian", True) else ">"
-    unpickler = _Unpickler(f)
-    obj = unpickler.load()
-    for key in pickle.load(f):   # each storage: int64 element count, then its raw bytes
-      storage = unpickler.storages[str(key)]
-      (numel,) = struct.unpack(order + "q", f.read(8))
-      dtype = storage.kind.dtype.newbyteorder(order)
-      storage.array = np.frombuffer(f.read(numel * dtype.itemsize), dtype)
+  try:
+    magic, _, sys_info = (pickle.load(f) for _ in range(3))
+  except Exception as e:
+    raise ValueError(f"{path} is neither a zip .pth nor a legacy torch.save file") from e
+  if magic != _LEGACY_MAGIC:
+    raise ValueError(f"{path} is neither a zip .pth nor a legacy torch.save file")
+  order = "<" if sys_info.get("little_endian", True) else ">"
+  unpickler = _Unpickler(f)
+  obj = unpickler.load()
+  for key in pickle.load(f):   # each storage: int64 element count, then its raw bytes
+    storage = unpickler.storages[str(key)]
+    (numel,) = struct.unpack(order + "q", f.read(8))
+    dtype = storage.kind.dtype.newbyteorder(order)
+    storage.array = np.frombuffer(f.read(numel * dtype.itemsize), dtype)
   return obj
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A PyTorch state dict file (zip or legacy format) -> {name: numpy array}, without torch."""
-  state = _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
+  """A PyTorch state dict file (zip or legacy format; local, gs://, or any path etils.epath reads)
+  -> {name: numpy array}, without torch."""
+  data = io.BytesIO(epath.Path(path).read_bytes())
+  is_zip = zipfile.is_zipfile(data)
+  data.seek(0)
+  state = _read_zip(path, data) if is_zip else _read_legacy(path, data)
   if not isinstance(state, dict):
     raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
   return {k: v.array() if isinstance(v, _Tensor) else np.asarray(v) for k, v in state.items()}
@@ -245,10 +248,10 @@ def load_variables(spec: str | None, *, seed: int = 0) -> dict:
   on the fly), a converted .npz, or "random" (plumbing checks only)."""
   if spec == RANDOM:
     return inception.random_variables(seed)
-  if not spec or not os.path.exists(spec):
+  if not spec or not epath.Path(spec).exists():
     raise missing_weights_error(spec)
   if spec.endswith(".npz"):
-    with np.load(spec) as z:
+    with np.load(io.BytesIO(epath.Path(spec).read_bytes())) as z:
       return _checked({k: z[k] for k in z.files}, spec)
   return convert_state_dict(read_state_dict(spec), spec)
 

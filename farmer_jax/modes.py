@@ -1,0 +1,37 @@
+"""What `--mode` runs for each phase: the entry points of train.py, distill.py, afm.py and the
+FID evaluation, chosen from the config's phase and, for sampling, `sample.decoder`."""
+import ml_collections
+
+from farmer_jax import distill, rundir, train
+
+MODES = ("train", "evaluate", "sample", "plan", "fid")
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """--mode=sample: decoded by the distilled student when `sample.decoder` says so ("auto": when
+  <workdir>/distill holds one), else by the exact inverse. Returns the npz path."""
+  train.validate_config(config)
+  if rundir.decoder(config, workdir) == "student":
+    return distill.sample_with_student(config, workdir)
+  return train.sample_latest(config, workdir)
+
+
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str):
+  """Runs `mode` (not plan, which main.py handles) for the config's phase."""
+  phase = config.get("phase", "train")
+  if phase == "afm":
+    from farmer_jax import afm  # noqa: PLC0415 (phase=afm only)
+    if mode not in ("train", "sample"):
+      raise ValueError(f"--mode={mode} is not available with phase=afm (train, sample)")
+    return (afm.train_and_evaluate if mode == "train" else afm.sample_latest)(config, workdir)
+  if mode == "train":
+    return (distill.distill_and_evaluate if phase == "distill"
+            else train.train_and_evaluate)(config, workdir)
+  if mode == "evaluate":
+    return (distill.evaluate_latest if phase == "distill" else train.evaluate)(config, workdir)
+  if mode == "fid":
+    from farmer_jax.evaluation import fid_mode  # noqa: PLC0415 (fid mode only)
+    return fid_mode.evaluate_fid(config, workdir)
+  if mode == "sample":
+    return sample(config, workdir)
+  raise ValueError(f"--mode={mode}: one of {MODES}")
