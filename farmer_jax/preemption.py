@@ -19,6 +19,7 @@ from absl import logging
 import jax
 
 _received: list[int] = []
+_depth = [0]   # nested handle_signals() contexts: the outermost installs and restores
 
 
 def _single_process_handler(signum, frame):
@@ -40,21 +41,33 @@ def _forward_to_sigterm(signum, frame):
 
 @contextlib.contextmanager
 def handle_signals():
-  """Installs the handlers for the duration of a run (main thread only; elsewhere a no-op)."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
+  """Installs the handlers for the duration of a run, from its set-up (restore, compilation) to
+  its end-of-run evaluation (main thread only; elsewhere, and nested, a no-op)."""
+  if threading.current_thread() is not threading.main_thread() or _depth[0]:
+    _depth[0] += 1
+    try:
+      yield
+    finally:
+      _depth[0] -= 1
     return
   multi = jax.process_count() > 1
   handlers = ({signal.SIGINT: _forward_to_sigterm} if multi else
               {signal.SIGTERM: _single_process_handler, signal.SIGINT: _single_process_handler})
   previous = {s: signal.signal(s, h) for s, h in handlers.items()}
   _received.clear()
+  _depth[0] += 1
   try:
     yield
   finally:
+    _depth[0] -= 1
     for s, h in previous.items():
       signal.signal(s, h)
     _received.clear()
+
+
+def received() -> bool:
+  """Whether this process got SIGTERM / SIGINT during the current run (single-process runs)."""
+  return bool(_received)
 
 
 def signal_name() -> str | None:

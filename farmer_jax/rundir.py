@@ -59,8 +59,10 @@ class WorkdirError(RuntimeError):
 
 def as_path(workdir) -> epath.Path:
   """An epath.Path; local paths are made absolute (Orbax needs absolute paths)."""
-  if isinstance(workdir, str) and "://" not in workdir:
-    workdir = os.path.abspath(workdir)
+  if not isinstance(workdir, epath.Path):
+    workdir = os.fspath(workdir)
+    if "://" not in workdir:
+      workdir = os.path.abspath(workdir)
   return epath.Path(workdir)
 
 
@@ -131,13 +133,14 @@ def _mkdirs(directory: epath.Path) -> None:
     _note_created(m)
 
 
-def write_bytes(path, data: bytes) -> epath.Path:
-  """Atomic write of `data` to `path` (process 0 only); a full or read-only disk raises
-  WorkdirError naming the path, and no temporary file is left behind."""
+def write_bytes(path, data: bytes, tmp_name: str | None = None) -> epath.Path:
+  """Atomic write of `data` to `path` (process 0 only): written as `tmp_name` (default: a hidden
+  name beside it), then renamed. A full or read-only disk raises WorkdirError naming the path,
+  and no temporary file is left behind."""
   path = epath.Path(path)
   if jax.process_index() != 0:
     return path
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+  tmp = path.parent / (tmp_name or f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
   existed = path.exists()
   try:
     _mkdirs(path.parent)
@@ -155,7 +158,7 @@ def write_bytes(path, data: bytes) -> epath.Path:
 
 def write_error(path, e: BaseException) -> WorkdirError:
   """One line naming the path and what to do."""
-  reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+  reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
   hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
           errno.EROFS: "make it writable", errno.EACCES: "fix its permissions",
           errno.EPERM: "fix its permissions"}.get(getattr(e, "errno", None),
@@ -223,10 +226,22 @@ def _write_jsonl(path, records: list[dict]) -> None:
 
 def append_jsonl(path, record: dict, key: tuple[str, ...] | None = None) -> bool:
   """Appends one line (process 0). With `key` (field names), a record whose key fields equal an
-  existing line's is not added again. The file is rewritten whole, atomically: object stores
-  cannot append. Returns whether the line was added."""
+  existing line's is not added again. A local file is appended to; on an object store, which
+  cannot append, the file is rewritten whole, atomically. Returns whether the line was added."""
   if jax.process_index() != 0:
     return False
+  path = epath.Path(path)
+  if key is None and not is_remote(path):
+    try:
+      existed = path.exists()
+      _mkdirs(path.parent)
+      with open(os.fspath(path), "a") as f:   # noqa: PTH123 (a local append; remote is below)
+        f.write(dumps(record) + "\n")
+    except OSError as e:
+      raise write_error(path, e) from e
+    if not existed:
+      _note_created(path)
+    return True
   records = read_jsonl(path)
   if key is not None:
     ident = tuple(record.get(k) for k in key)
@@ -295,6 +310,31 @@ def exists(path) -> bool:
   return epath.Path(path).exists()
 
 
+def read_npz(path) -> dict[str, np.ndarray]:
+  with np.load(io.BytesIO(epath.Path(path).read_bytes())) as z:
+    return {k: z[k] for k in z.files}
+
+
+def keep_existing_samples(npz, info: dict, requested: bool) -> bool:
+  """Whether samples `npz` exist already: then they are kept, never redrawn over. A requested
+  name (--mode=sample's tag or `sample.name`) made with other settings than `info` (step,
+  decoder, seed, sample config) is an error rather than old images returned as new; a run's own
+  end-of-run samples stay as they are, with a warning."""
+  if not exists(npz):
+    return False
+  saved = read_npz(npz).get("info")
+  made_by = json.loads(str(saved)) if saved is not None else None
+  if made_by == json.loads(dumps(info)):
+    logging.info("%s exists (same step and sample settings): kept", npz)
+  elif requested:
+    raise ValueError(f"{npz} exists and was made with other settings ({made_by}); choose another "
+                     f"--config.sample.name")
+  else:
+    logging.warning("%s exists, made with other sample settings: kept (--mode=sample writes "
+                    "samples with these settings under their own name)", npz)
+  return True
+
+
 # ---------------------------------------------------------------------------------------------
 # config.json: a workdir keeps its model and data.
 # ---------------------------------------------------------------------------------------------
@@ -335,18 +375,36 @@ def check_config(config: ml_collections.ConfigDict, run: RunDir, record: bool = 
 # The lock: one live run per workdir.
 # ---------------------------------------------------------------------------------------------
 
-LEASE_S = 120.0       # a remote holder whose heartbeat is older than this is gone
+LEASE_S = 120.0       # a holder on another machine whose heartbeat is older than this is gone
 HEARTBEAT_S = 30.0
+
+
+def _read_text(path: str) -> str | None:
+  with contextlib.suppress(OSError):
+    return pathlib.Path(path).read_text().strip()
+  return None
 
 
 def _proc_start(pid: int) -> str | None:
   """The kernel's start time of `pid` (Linux), to tell a live holder from a reused pid."""
-  with contextlib.suppress(OSError, IndexError):
-    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+  with contextlib.suppress(AttributeError, IndexError):
+    return _read_text(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[19]
   return None
 
 
+def _machine() -> dict:
+  """Where a pid means the same process: this host, boot and pid namespace (containers that
+  share a host name do not share pids)."""
+  pidns = None
+  with contextlib.suppress(OSError):
+    pidns = os.readlink("/proc/self/ns/pid")
+  return {"host": socket.gethostname(), "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+          "pidns": pidns}
+
+
 def _pid_alive(pid: int, proc_start: str | None) -> bool:
+  if pid <= 0:
+    return False
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -357,27 +415,50 @@ def _pid_alive(pid: int, proc_start: str | None) -> bool:
 
 
 def stale_reason(holder: dict, now: float | None = None, lease_s: float = LEASE_S) -> str | None:
-  """Why the lock of `holder` no longer holds (None: it does). On this host the pid decides; on
-  another host (a remote workdir, where a pid means nothing here) the heartbeat's age does."""
+  """Why the lock of `holder` no longer holds (None: it does). Where its pid means the same
+  process (same host, boot and pid namespace), the pid decides; elsewhere (another host of a
+  bucket or shared filesystem) the heartbeat's age does. A requeued scheduler job (the same
+  SLURM job id) takes over its own earlier lock."""
   now = time.time() if now is None else now
-  if holder.get("host") == socket.gethostname():
-    if holder.get("pid") == os.getpid():
+  job = os.environ.get("SLURM_JOB_ID")
+  if job and holder.get("slurm_job_id") == job:
+    return f"the same SLURM job {job}, requeued"
+  here = _machine()
+  if all(holder.get(k) == v for k, v in here.items()):
+    pid = holder.get("pid")
+    if pid == os.getpid():
       return "taken by this process earlier"
-    if not _pid_alive(int(holder.get("pid", -1)), holder.get("proc_start")):
-      return f"pid {holder.get('pid')} is not running"
+    if not isinstance(pid, int) or not _pid_alive(pid, holder.get("proc_start")):
+      return f"pid {pid} is not running"
     return None
-  age = now - float(holder.get("heartbeat", 0))
+  age = now - float(holder.get("heartbeat") or 0)
   return f"no heartbeat for {age:.0f} s" if age > lease_s else None
 
 
 def describe(holder: dict) -> str:
-  age = time.time() - float(holder.get("heartbeat", 0))
-  return (f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
-          f" (heartbeat {age:.0f} s ago, command: {holder.get('command', '?')})")
+  beat = holder.get("heartbeat")
+  ago = f"heartbeat {time.time() - float(beat):.0f} s ago, " if beat else ""
+  return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
+          f"{holder.get('started', '?')} ({ago}command: {holder.get('command', '?')})")
+
+
+# Set by a lock's heartbeat when another run has taken the workdir: the step loop stops on it.
+_lost: list[str] = []
+
+
+def check_held() -> None:
+  """Raises WorkdirError if another run took over a workdir this process holds."""
+  if _lost:
+    raise WorkdirError(_lost[0])
 
 
 class Lock:
-  """lock.json of a workdir, held by process 0 of a run, with a heartbeat thread."""
+  """lock.json of a workdir, held by process 0 of a run, with a heartbeat thread.
+
+  Taking it is exclusive on a local or shared POSIX filesystem (the file is linked into place,
+  which fails if it exists). On an object store, which has no such primitive here, the record is
+  written and read back after a second: two starts within that second can both pass.
+  """
 
   def __init__(self, run: RunDir, lease_s: float = LEASE_S, heartbeat_s: float = HEARTBEAT_S):
     self.run, self.lease_s, self.heartbeat_s = run, lease_s, heartbeat_s
@@ -385,42 +466,76 @@ class Lock:
     self._stop = threading.Event()
     self._thread = None
     pid = os.getpid()
-    self.record = {"host": socket.gethostname(), "pid": pid, "proc_start": _proc_start(pid),
+    self.record = {**_machine(), "pid": pid, "proc_start": _proc_start(pid),
                    "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                   "command": " ".join(sys.argv)[:300], "token": self.token}
+                   "command": " ".join(sys.argv)[:300], "token": self.token,
+                   "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
 
-  def _write(self) -> None:
-    write_bytes(self.run.lock, dumps({**self.record, "heartbeat": time.time()}).encode())
+  def _payload(self) -> bytes:
+    return dumps({**self.record, "heartbeat": time.time()}).encode()
+
+  def _holder(self) -> dict | None:
+    try:
+      return read_json(self.run.lock)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      raise WorkdirError(f"{self.run.lock} is not a lock record (damaged?): if no run uses "
+                         f"{self.run}, delete it and rerun") from None
 
   def acquire(self) -> None:
     path = self.run.lock
-    holder = read_json(path) if path.exists() else None
+    holder = self._holder()
     if holder is not None:
       reason = stale_reason(holder, lease_s=self.lease_s)
       if reason is None:
         raise WorkdirError(f"{self.run} is in use by another run: {describe(holder)}. Wait for it "
                            f"to end or stop it, or use another --workdir")
       logging.warning("taking over the lock of %s: %s (%s)", self.run, describe(holder), reason)
-    self._write()
-    # Two starts at once: the last writer wins, the other sees a foreign token and stops. Local
-    # filesystems make this exact at once; object stores are read back after their write settles.
     if is_remote(path):
-      time.sleep(1.0)
-    holder = read_json(path)
+      write_bytes(path, self._payload())
+      time.sleep(1.0)   # let a concurrent writer's record settle, then see who won
+    else:
+      self._create_local(path, stale=holder)
+    holder = self._holder()
     if holder is None or holder.get("token") != self.token:
       raise WorkdirError(f"{self.run} was locked at the same moment by another run: "
                          f"{describe(holder or {})}; use another --workdir")
     self._thread = threading.Thread(target=self._beat, daemon=True, name="farmer_jax-lock")
     self._thread.start()
 
+  def _create_local(self, path: epath.Path, stale: dict | None) -> None:
+    """Links a complete record into place: of two runs starting together, one link fails. A stale
+    record is moved aside first; if what was moved is not that record (another run took the lock
+    in between), it is linked back."""
+    _mkdirs(path.parent)
+    lock, tmp = os.fspath(path), os.fspath(path.parent / f".lock.json.{self.token}")
+    pathlib.Path(tmp).write_bytes(self._payload())
+    try:
+      if stale is not None:
+        aside = tmp + ".stale"
+        with contextlib.suppress(FileNotFoundError):
+          os.rename(lock, aside)
+          moved = json.loads(pathlib.Path(aside).read_text() or "{}")
+          if moved.get("token") != stale.get("token"):
+            with contextlib.suppress(FileExistsError):
+              os.link(aside, lock)
+          os.unlink(aside)
+      with contextlib.suppress(FileExistsError):   # another run linked first: `acquire` says so
+        os.link(tmp, lock)
+    finally:
+      os.unlink(tmp)
+    _note_created(path)
+
   def _beat(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
       try:
-        holder = read_json(self.run.lock)
+        holder = self._holder()
         if holder is None or holder.get("token") != self.token:
-          logging.error("the lock of %s was taken over by %s", self.run, describe(holder or {}))
+          message = (f"another run took over {self.run}: {describe(holder or {})}; this run "
+                     f"stops (its last checkpoint stays)")
+          logging.error(message)
+          _lost.append(message)
           return
-        self._write()
+        write_bytes(self.run.lock, self._payload())
       except Exception as e:  # noqa: BLE001 (a failed beat must not kill the run; the next retries)
         logging.warning("lock heartbeat of %s failed: %s", self.run, e)
 
@@ -462,18 +577,22 @@ def hold(workdir, *, lock: bool = True):
   outer = _created
   if outer is None:
     _created = []
+    _lost.clear()
   ok = False
   try:
-    if the_lock is not None:
-      the_lock.acquire()
-    ok = True
-    if lock:
-      _held.add(str(run))
-  finally:
-    if lock:
-      _agree(ok, f"lock {run}")
-    if not ok and outer is None:
+    try:
+      if the_lock is not None:
+        the_lock.acquire()
+      ok = True
+    finally:
+      if lock:
+        _agree(ok, f"lock {run}")
+  except BaseException:
+    if outer is None:
       _created = None
+    raise
+  if lock:
+    _held.add(str(run))
   try:
     yield run
   except BaseException:
@@ -489,6 +608,12 @@ def hold(workdir, *, lock: bool = True):
       _held.discard(str(run))
     if the_lock is not None:
       the_lock.release()
+
+
+def held(path) -> bool:
+  """Whether `path` lies in a workdir this process holds."""
+  p = str(as_path(path))
+  return any(p == h or p.startswith(h.rstrip("/") + "/") for h in _held)
 
 
 def started() -> None:
@@ -522,17 +647,21 @@ class Checkpointer:
   """Orbax CheckpointManager for one pytree (a train state) in `<run>/checkpoints`.
 
   Orbax writes each step under a temporary name and commits it when complete, so a run killed at
-  any moment (SIGKILL included) leaves the last complete checkpoint as `latest_step()`. A
-  checkpoint that is complete but unreadable (a truncated or deleted file) is moved aside to
-  damaged_checkpoints/ with a warning, and the newest intact one is restored instead.
+  any moment (SIGKILL included) leaves the last complete checkpoint as `latest_step()`. A newer
+  checkpoint that cannot be read while an older one can, onto the same target, is damaged (a
+  truncated or missing file): it is moved aside to damaged_checkpoints/ with a warning (in a
+  workdir this process holds; elsewhere it is only skipped) and the older one is restored. When
+  none restores, nothing is moved: the target (a changed config) is the likelier cause.
   """
 
   def __init__(self, run, *, max_to_keep: int | None = 3, read_only: bool = False):
     self.run = run if isinstance(run, RunDir) else RunDir(run)
     self.directory = self.run.checkpoints
     self.read_only = read_only
-    if not read_only and not self.directory.exists():
-      _mkdirs(self.directory)
+    if not read_only:
+      if jax.process_index() == 0 and not self.directory.exists():
+        _mkdirs(self.directory)
+      _sync(f"farmer_jax checkpoints dir {self.directory}")
     self.manager = self._manager(max_to_keep)
 
   def _manager(self, max_to_keep=3) -> ocp.CheckpointManager:
@@ -588,20 +717,30 @@ class Checkpointer:
     state, never the rest (the optimiser moments of a frozen teacher) -> {field: value}."""
     if step is not None:
       return self._restore(abstract_state, step, fields)
-    damaged = []
-    while True:
-      latest = self.latest_step()
-      if latest is None and damaged:
-        raise WorkdirError(f"no intact checkpoint in {self.directory}: step(s) {damaged} could not "
-                           f"be read and were moved to {self.run.damaged}; start a new --workdir, "
-                           f"or repair them and move them back")
-      if latest is None:
-        raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    failed = []
+    for candidate in steps:
       try:
-        return self._restore(abstract_state, latest, fields)
-      except Exception as e:  # noqa: BLE001 (any failure to read a committed step is damage)
-        self._move_aside(latest, e)
-        damaged.append(latest)
+        restored = self._restore(abstract_state, candidate, fields)
+        ok = True
+      except Exception as e:  # noqa: BLE001 (judged below, against the older checkpoints)
+        restored, ok = None, False
+        failed.append((candidate, e))
+        logging.warning("checkpoint step %d in %s could not be restored (%s: %s); trying the "
+                        "previous one", candidate, self.directory, type(e).__name__,
+                        _first_line(e))
+      if _all_ok(ok):   # every process read its shards: the newer failures were damage
+        for bad, error in failed:
+          self._move_aside(bad, error)
+        return restored
+    step0, error0 = failed[0]
+    raise WorkdirError(
+        f"no checkpoint in {self.directory} restores onto this run's state (steps "
+        f"{[f for f, _ in failed]}; step {step0}: {type(error0).__name__}: {_first_line(error0)}). "
+        f"If the config changed, rerun with the one the workdir was trained with (config.json) "
+        f"or use a new --workdir; nothing was moved") from error0
 
   def _restore(self, abstract_state, step: int, fields):
     logging.info("restoring %scheckpoint step %d from %s",
@@ -622,23 +761,38 @@ class Checkpointer:
       manager.close()
 
   def _move_aside(self, step: int, error: Exception) -> None:
+    """A damaged step goes to damaged_checkpoints/<step>-<time> (never deleted), so that the run
+    can save that step number again; outside a held workdir it is left in place."""
+    if self.read_only and not held(self.run.path):
+      logging.warning("checkpoint step %d of %s is damaged (%s); left in place (not this run's "
+                      "workdir)", step, self.directory, _first_line(error))
+      return
     target = self.run.damaged / f"{step}-{int(time.time())}"
-    logging.warning("checkpoint step %d in %s is damaged (%s: %s); moving it to %s and trying the "
-                    "previous one", step, self.directory, type(error).__name__,
-                    str(error).splitlines()[0][:200] if str(error) else "", target)
+    logging.warning("checkpoint step %d in %s is damaged (%s: %s); moved to %s", step,
+                    self.directory, type(error).__name__, _first_line(error), target)
     if jax.process_index() == 0:
       _mkdirs(self.run.damaged)
       (self.directory / str(step)).rename(target)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
-      multihost_utils.sync_global_devices(f"farmer_jax damaged checkpoint {step}")
+    _sync(f"farmer_jax damaged checkpoint {step}")
     self.manager.reload()
 
 
-def abstract_like(tree, shardings):
-  """ShapeDtypeStructs carrying `shardings`, the restore target for `Checkpointer.restore`."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
-                      shardings)
+def _first_line(e: BaseException) -> str:
+  return (str(e).splitlines() or [""])[0][:300]
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(name)
+
+
+def _all_ok(ok: bool) -> bool:
+  """Whether `ok` holds on every process (each reads only its own shards of a checkpoint)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def latest_checkpointer(run: RunDir, what: str, how: str) -> Checkpointer:

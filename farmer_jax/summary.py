@@ -24,6 +24,8 @@ import numpy as np
 from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 
+from farmer_jax import rundir
+
 _CRC32C_POLY = 0x82F63B78  # Castagnoli, reflected
 _CRC32C_TABLE = []
 for _i in range(256):
@@ -132,13 +134,11 @@ class SummaryWriter:
                                     session_log=event_pb2.SessionLog(
                                         status=event_pb2.SessionLog.START)))
     data = b"".join(tf_record(e.SerializeToString()) for e in header + self._events)
-    # A new name for every try, so that the temporary of a failed one never collides.
+    # A new name for every try; through the run directory's writer (atomic, process 0, a full
+    # disk as one line), with a temporary name that TensorBoard, which reads every name
+    # containing "tfevents", skips.
     name = _next_name(self._host)
-    # TensorBoard reads every name containing "tfevents"; the temporary's must not.
-    tmp = self._directory / ("." + name.replace("tfevents", "tmp"))
-    self._directory.mkdir(parents=True, exist_ok=True)
-    tmp.write_bytes(data)
-    tmp.rename(self._directory / name)
+    rundir.write_bytes(self._directory / name, data, tmp_name="." + name.replace("tfevents", "tmp"))
     self._events = []
     self._start_step = None
     self._last_flush = time.monotonic()

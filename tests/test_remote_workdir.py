@@ -1,7 +1,10 @@
 """A gs:// workdir end to end, on an in-memory GCS (tests/fake_gcs.py) that both etils.epath and
 Orbax's TensorStore driver write to: training with a resume, --mode=evaluate, --mode=sample, a
-distillation, an AFM on the run's latents and --mode=fid from a samples file. Every output lands in the bucket, none on local
-disk, and a rerun resumes from what the bucket holds."""
+distillation, an AFM on the run's latents and --mode=fid from a samples file. Every output lands
+in the bucket, none on local disk, and a rerun resumes from what the bucket holds.
+
+The fake puts epath on its fsspec backend; with TensorFlow installed, production gs:// paths go
+through tf.io.gfile instead, whose directory and rename behaviour this does not exercise."""
 import fnmatch
 import json
 import os

@@ -100,6 +100,23 @@ def test_a_live_run_holds_the_workdir_and_a_killed_one_does_not(tmp_path):
   assert not (workdir / "lock.json").exists()
 
 
+def test_two_runs_starting_together_get_one_lock(tmp_path):
+  """Pairs of processes released at the same instant on one workdir: in each pair exactly one
+  takes the lock (the record is linked into place), the other is refused."""
+  script = ("import sys, time\nfrom farmer_jax import rundir\n"
+            "start = float(sys.argv[2])\n"
+            "while time.time() < start: pass\n"
+            "try:\n  rundir.Lock(rundir.RunDir(sys.argv[1])).acquire()\n  print('got', flush=True)\n"
+            "  time.sleep(2)\nexcept rundir.WorkdirError as e:\n  print('refused', e, flush=True)\n")
+  start = time.time() + 8          # after every process has imported
+  procs = {trial: [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / str(trial)),
+                                     str(start)], env=ENV, stdout=subprocess.PIPE, text=True)
+                   for _ in range(2)] for trial in range(3)}
+  for trial, pair in procs.items():
+    outs = sorted(p.communicate(timeout=60)[0].split()[0] for p in pair)
+    assert outs == ["got", "refused"], (trial, outs)
+
+
 def test_remote_holders_are_judged_by_their_heartbeat(tmp_path):
   run = rundir.RunDir(tmp_path)
   other = {"host": "tpu-worker-7", "pid": 4242, "started": "2026-12-01T00:00:00+00:00"}
@@ -151,11 +168,31 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restore
   assert ckpt.all_steps() == [1]
   [moved] = os.listdir(tmp_path / "damaged_checkpoints")
   assert moved.startswith("2-") and os.listdir(tmp_path / "damaged_checkpoints" / moved)
-  # The eval-weights-only restore falls back the same way; with none intact, one clear error.
+  # The eval-weights-only restore goes the same way; with none intact, one clear error, and the
+  # last checkpoint stays where it is.
   truncate_largest_file(tmp_path / "checkpoints" / "1")
-  with pytest.raises(rundir.WorkdirError, match=r"no intact checkpoint in .*step\(s\) \[1\]"):
+  with pytest.raises(rundir.WorkdirError, match=r"no checkpoint in .* restores onto this run's "
+                                                r"state \(steps \[1\]; step 1: "):
     trainer.restore_eval_state(rundir.Checkpointer(tmp_path), None)
-  assert sorted(os.listdir(tmp_path / "damaged_checkpoints"))[0].startswith("1-")
+  assert rundir.Checkpointer(tmp_path).all_steps() == [1]
+  assert len(os.listdir(tmp_path / "damaged_checkpoints")) == 1
+
+
+def test_a_config_that_does_not_fit_the_checkpoints_moves_none_of_them(tmp_path):
+  """A changed optimiser (no clipping: another state tree) fails on every checkpoint alike: that
+  is the config, not damage, and every checkpoint stays."""
+  c = digits.get_config("tiny")
+  trainer = train.Trainer(c)
+  ckpt = rundir.Checkpointer(tmp_path)
+  for step in (1, 2):
+    ckpt.save(step, trainer.init().replace(step=jnp.int32(step)))
+  ckpt.close()
+  c.train.grad_clip = 0.0
+  other = train.Trainer(c)
+  with pytest.raises(rundir.WorkdirError, match=r"steps \[2, 1\].*If the config changed"):
+    rundir.Checkpointer(tmp_path).restore(other.abstract_state)
+  assert rundir.Checkpointer(tmp_path).all_steps() == [1, 2]
+  assert not (tmp_path / "damaged_checkpoints").exists()
 
 
 # ------------------------------------------------------------------ failures
@@ -178,21 +215,22 @@ def test_a_run_failing_before_its_first_step_leaves_the_workdir_as_found(tmp_pat
 def test_a_full_disk_is_one_line_naming_the_path_and_leaves_no_temporary_file(tmp_path,
                                                                                monkeypatch):
   path_cls = type(epath.Path(tmp_path))
-  write = path_cls.write_bytes
+  replace = path_cls.replace
 
-  def full(self, data):
-    if "train_log" in self.name:
-      raise OSError(errno.ENOSPC, "No space left on device", str(self))
-    return write(self, data)
-  monkeypatch.setattr(path_cls, "write_bytes", full)
+  def full(self, target):   # the temporary file is written; moving it into place fails
+    if epath.Path(target).name == "metrics.json":
+      raise OSError(errno.ENOSPC, "No space left on device", str(target))
+    return replace(self, target)
+  monkeypatch.setattr(path_cls, "replace", full)
   with pytest.raises(rundir.WorkdirError) as e:
     train.train_and_evaluate(digits.get_config("tiny"), str(tmp_path))
   message = str(e.value)
   assert "\n" not in message
-  assert message.startswith(f"cannot write {tmp_path}/train_log.jsonl: No space left on device; "
+  assert message.startswith(f"cannot write {tmp_path}/eval/metrics.json: No space left on device; "
                             "free some space or use another --workdir, then rerun")
-  assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+  assert os.listdir(tmp_path / "eval") == []          # the temporary file was removed
   assert not (tmp_path / "lock.json").exists()
+  assert rundir.Checkpointer(tmp_path, read_only=True).latest_step() == 20   # resumable
   # Orbax's own write errors map to the same message.
   err = rundir.Checkpointer(tmp_path, read_only=True)._save_error(
       ValueError("OUT_OF_RANGE: Error writing file: No space left on device"))

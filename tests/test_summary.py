@@ -12,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 
-from farmer_jax import summary
+from farmer_jax import rundir, summary
 
 
 def _accumulator(directory) -> event_accumulator.EventAccumulator:
@@ -151,7 +151,7 @@ def test_bad_image_and_io_errors_raise(tmp_path):
     writer.write_images(1, {"x": np.zeros((4, 4, 3), np.float32)})
   (tmp_path / "not_a_dir").write_text("")
   writer.write_scalars(1, {"a": 1.0})
-  with pytest.raises(OSError):
+  with pytest.raises(rundir.WorkdirError, match="cannot write .*not_a_dir/events.out.tfevents"):
     writer.flush()
   (tmp_path / "not_a_dir").unlink()
   writer.flush()  # the failed flush's events were kept
