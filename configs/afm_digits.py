@@ -11,8 +11,8 @@ and the class-accuracy curve of its samples (the digits SVC judge of benchmarks/
 Variants, `--config=configs/afm_digits.py:VARIANT`:
     default  G and D of 2 adaLN layers at width 64 (0.16M and 0.15M parameters), 8x8x1 images as
              16 tokens of 2x2 pixels; samples every 500 steps. 6000 steps took 26 minutes on 2
-             shared CPU cores and reached class accuracy 0.962 (README, AFM section);
-    no_ot    the same with lambda_ot = 0, the comparison the issue asks for (SPEC sec. 7 expects
+             shared CPU cores and reached class accuracy 0.962 (docs/afm.md);
+    no_ot    the same with lambda_ot = 0, to measure what the OT term does (SPEC sec. 7 expects
              divergence; on digits it did not: 0.958);
     tiny     a few steps of a very small model, for tests.
 Paper values (AdamW (0, 0.9), wd 0.01, lr 1e-4, lambda_ot 0.2 -> 0.005, R1/R2 and centering

@@ -18,7 +18,7 @@ Variants, `--config=configs/afm_farmer_latent.py:VARIANT`:
                       2 adaLN layers at width 64 over the 4x4x2 grid of standardised z^I, one token
                       per latent token (afm.patch_size 1); samples every 500 steps. 10,000
                       steps took 25 minutes on 2 CPU cores and reached class accuracy 0.940 on
-                      the default digits FARMER (README, AFM section);
+                      the default digits FARMER (docs/afm.md);
     tiny              configs/digits.py:tiny's FARMER, a few steps, for tests;
     imagenet256_1p9b  on configs/imagenet256_1p9b.py:16's FARMER (d_I = 128 of 768, 16x16 tokens):
                       G and D of the paper's XL size (28 layers at width 1152) over 256 tokens of
@@ -51,7 +51,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         target="farmer_latent", patch_size=1,
         width=1152, depth=28, head_dim=64,   # AFM XL (ours: head_dim 64 of its 16 heads x 72)
         batch_size=256,                      # ours (FARMER's batch)
-        num_steps=400_000,                   # ours: the paper's schedule is not in our seed
+        num_steps=400_000,                   # ours: the AFM summary gives no schedule
         stats_batches=200,                   # 51,200 images for the per-channel mean / std
         checkpoint_every=5000, eval_every=50_000,
     )

@@ -1,7 +1,7 @@
 r"""FARMER-1.1B on ImageNet 256x256 (paper Table 1): AF 28 blocks x 4 layers at width 768, AR prior
 12 layers at width 768; 828M + 295M parameters at patch 16.
 
-Launch (data prepared with tfds in DATA, see the README):
+Launch (data prepared with tfds in DATA, see docs/model.md#data):
 
     python -m farmer_jax.main --config=configs/imagenet256_1p1b.py:16 --workdir=gs://BUCKET/farmer_1p1b_p16 \
         --config.data.data_dir=DATA

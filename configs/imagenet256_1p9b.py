@@ -1,7 +1,7 @@
 r"""FARMER-1.9B on ImageNet 256x256 (paper Table 1): AF 32 blocks x 6 layers at width 768, AR prior
 24 layers at width 1024; 1.4B + 498M parameters at patch 16.
 
-Launch (data prepared with tfds in DATA, see the README):
+Launch (data prepared with tfds in DATA, see docs/model.md#data):
 
     python -m farmer_jax.main --config=configs/imagenet256_1p9b.py:16 --workdir=gs://BUCKET/farmer_1p9b_p16 \
         --config.data.data_dir=DATA

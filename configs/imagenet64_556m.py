@@ -1,7 +1,7 @@
 r"""FARMER-556M on ImageNet 64x64, unconditional, likelihood training (paper: 2.61 bits/dim, TARFlow
 2.99): AF 16 blocks x 4 layers, AR prior 12 layers, patch 2.
 
-Launch (tfds `downsampled_imagenet/64x64` prepared in DATA, see the README):
+Launch (tfds `downsampled_imagenet/64x64` prepared in DATA, see docs/model.md#data):
 
     python -m farmer_jax.main --config=configs/imagenet64_556m.py --workdir=gs://BUCKET/farmer_in64 \
         --config.data.data_dir=DATA

@@ -19,7 +19,7 @@ lambda_ot_min over the run; AdamW (0, 0.9), weight decay 0.01, constant lr 1e-4,
 sec. 7). The finite difference squared estimates (grad D . nu)^2, whose mean over nu is the R1/R2
 penalty ||grad D||^2 without a double backward pass.
 
-`afm.grad_norm` (ours, off by default; the seed does not describe the paper's sec. 3.4 scheme): the
+`afm.grad_norm` (ours, off by default; the AFM summary does not describe its sec. 3.4 scheme): the
 gradient of the adversarial G loss at G's output is rescaled per example to unit RMS per value
 (/ batch size, as a batch mean), so that its size does not follow D's logit scale; the OT term's
 gradient is unchanged.
@@ -30,134 +30,21 @@ grad norms, steps/s) and samples/samples_<step>.npz + .png from the G EMA every 
 steps and at the end (`config.sample.per_class` images of each class; benchmarks/afm_digits.py
 judges them). Entry: `train_and_evaluate(config, workdir)` with `config.phase = "afm"`.
 """
-import dataclasses
 import functools
 
 from absl import logging
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from farmer_jax import input_pipeline, metrics, rundir, sample, sharding, train
-from farmer_jax.models import farmer, layers
+from farmer_jax import (config_check, input_pipeline, metrics, preemption, rundir, sample,
+                        sharding, train)
+from farmer_jax.models import layers
+from farmer_jax.models.afm_nets import Discriminator, Generator, NetConfig
 
 TrainState = train.TrainState
-
-
-# ---------------------------------------------------------------------------------------------
-# Networks.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class NetConfig:
-  image_size: int
-  channels: int
-  patch_size: int
-  width: int
-  depth: int
-  head_dim: int
-  mlp_ratio: int
-  num_classes: int      # 0: unconditional (one embedding)
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict,
-                  shape: tuple[int, int, int] | None = None) -> "NetConfig":
-    """`shape` (H, W, C) of what G generates: by default config.data's images."""
-    a, d = config.afm, config.data
-    size, channels = (shape[0], shape[2]) if shape else (d.image_size, d.channels)
-    return cls(size, channels, a.patch_size, a.width, a.depth, a.head_dim, a.mlp_ratio,
-               d.num_classes)
-
-  @property
-  def num_tokens(self) -> int:
-    return (self.image_size // self.patch_size) ** 2
-
-  @property
-  def token_dim(self) -> int:
-    return self.patch_size ** 2 * self.channels
-
-
-def _plain_norm(x):
-  return nn.LayerNorm(use_bias=False, use_scale=False)(x)
-
-
-class AdaLNLayer(nn.Module):
-  """Pre-norm bidirectional layer with adaLN-Zero conditioning (DiT): from the condition c [B, W],
-  shift, scale and gate of the attention and MLP branches; the gates start at 0."""
-  width: int
-  head_dim: int
-  mlp_ratio: int
-
-  @nn.compact
-  def __call__(self, x_BxNxW: jax.Array, c_BxW: jax.Array) -> jax.Array:
-    mod = layers.dense(6 * self.width, (layers.EMBED, layers.HIDDEN), jnp.float32, "modulation",
-                       kernel_init=nn.initializers.zeros)(nn.silu(c_BxW))
-    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod[:, None, :], 6, axis=-1)
-    h = _plain_norm(x_BxNxW) * (1 + scale1) + shift1
-    attn, _ = layers.Attention(self.width, self.head_dim, causal=False, name="attn")(h)
-    x_BxNxW = x_BxNxW + gate1 * attn
-    h = _plain_norm(x_BxNxW) * (1 + scale2) + shift2
-    x_BxNxW = x_BxNxW + gate2 * layers.MLP(self.width, self.mlp_ratio, name="mlp")(h)
-    return layers.constrain(x_BxNxW, layers.ACT_BATCH, layers.ACT_SEQ, layers.ACT_EMBED)
-
-
-class Trunk(nn.Module):
-  """Images [B, H, W, C] and labels [B] -> (token features [B, (1+)N, W], condition [B, W]):
-  patch embedding, learned positions, an optional leading CLS token, `depth` adaLN layers."""
-  net: NetConfig
-  cls_token: bool
-
-  @nn.compact
-  def __call__(self, x_BxHxWxC: jax.Array, labels_B: jax.Array):
-    n = self.net
-    tokens = farmer.patchify(x_BxHxWxC, n.patch_size)
-    h = layers.dense(n.width, (None, layers.EMBED), jnp.float32, "embed")(tokens)
-    h = h + self.param("pos", layers.param_init(nn.initializers.normal(0.02), None, layers.EMBED),
-                       (n.num_tokens, n.width))
-    if self.cls_token:
-      cls = self.param("cls", layers.param_init(nn.initializers.normal(0.02), layers.EMBED),
-                       (n.width,))
-      h = jnp.concatenate([jnp.broadcast_to(cls, (h.shape[0], 1, n.width)), h], axis=1)
-    table = self.param("class_embed", layers.param_init(nn.initializers.normal(0.02),
-                                                        layers.VOCAB, layers.EMBED),
-                       (max(n.num_classes, 1), n.width))
-    c_BxW = table[labels_B]
-    for i in range(n.depth):
-      h = AdaLNLayer(n.width, n.head_dim, n.mlp_ratio, name=f"layer_{i}")(h, c_BxW)
-    return h, c_BxW
-
-
-class Generator(nn.Module):
-  """G(eps, c): eps [B, H, W, C] -> sample [B, H, W, C] in one pass (adaLN final layer, zero-init
-  output projection: G starts at 0)."""
-  net: NetConfig
-
-  @nn.compact
-  def __call__(self, eps_BxHxWxC: jax.Array, labels_B: jax.Array) -> jax.Array:
-    n = self.net
-    h, c_BxW = Trunk(n, cls_token=False, name="trunk")(eps_BxHxWxC, labels_B)
-    shift, scale = jnp.split(layers.dense(2 * n.width, (layers.EMBED, layers.HIDDEN), jnp.float32,
-                                          "final_modulation", kernel_init=nn.initializers.zeros)(
-                                              nn.silu(c_BxW))[:, None, :], 2, axis=-1)
-    h = _plain_norm(h) * (1 + scale) + shift
-    out = layers.dense(n.token_dim, (layers.EMBED, None), jnp.float32, "out",
-                       kernel_init=nn.initializers.zeros)(h)
-    return farmer.unpatchify(out, n.patch_size, n.image_size, n.channels)
-
-
-class Discriminator(nn.Module):
-  """D(x, c): images [B, H, W, C] -> logits [B], a linear layer on the final CLS token."""
-  net: NetConfig
-
-  @nn.compact
-  def __call__(self, x_BxHxWxC: jax.Array, labels_B: jax.Array) -> jax.Array:
-    h, _ = Trunk(self.net, cls_token=True, name="trunk")(x_BxHxWxC, labels_B)
-    h = layers.layer_norm(jnp.float32, "ln_final")(h[:, 0])
-    return layers.dense(1, (layers.EMBED, None), jnp.float32, "logit")(h)[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,11 +142,6 @@ class AFMState:
   nonfinite_step: jax.Array   # the first of g's and d's (-1: none), what `train.run_steps` reads
 
 
-def _fresh(params, tx) -> TrainState:
-  return TrainState(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
-                    nonfinite_step=jnp.int32(-1))
-
-
 def init_state(gen: Generator, disc: Discriminator, tx, seed: int,
                boxed: bool = False) -> AFMState:
   n = gen.net
@@ -269,15 +151,15 @@ def init_state(gen: Generator, disc: Discriminator, tx, seed: int,
   g_params, d_params = gen.init(k_g, x, y)["params"], disc.init(k_d, x, y)["params"]
   if not boxed:
     g_params, d_params = sharding.unbox(g_params), sharding.unbox(d_params)
-  return AFMState(step=jnp.int32(0), g=_fresh(g_params, tx), d=_fresh(d_params, tx),
+  return AFMState(step=jnp.int32(0), g=TrainState.create(g_params, tx), d=TrainState.create(d_params, tx),
                   nonfinite_step=jnp.int32(-1))
 
 
 def without_ema(a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """D's optimiser section: config.afm with ema_decay 0."""
-  d = ml_collections.ConfigDict(a.to_dict())
-  d.ema_decay = 0.0
-  return d
+  section = ml_collections.ConfigDict(a.to_dict())
+  section.ema_decay = 0.0
+  return section
 
 
 class PixelTarget:
@@ -288,9 +170,9 @@ class PixelTarget:
   flops_per_example = 0.0
 
   def __init__(self, config: ml_collections.ConfigDict):
-    d = config.data
-    self.shape = (d.image_size, d.image_size, d.channels)
-    self.num_levels = d.num_levels
+    data = config.data
+    self.shape = (data.image_size, data.image_size, data.channels)
+    self.num_levels = data.num_levels
     self.use_student = False
 
   def encode(self, params, batch: dict, key: jax.Array) -> jax.Array:
@@ -368,27 +250,21 @@ class AFMTrainer:
     if config.get("phase") != "afm":
       raise ValueError(f"config.phase = {config.get('phase')!r}: the AFM trainer needs "
                        f"phase='afm' (configs/afm_digits.py sets it)")
-    train.validate_config(config)
+    config_check.validate(config)
     self.config, a = config, config.afm
     self.target = make_target(config, workdir, devices)
     self.net = NetConfig.from_config(config, self.target.shape)
     self.gen, self.disc = Generator(self.net), Discriminator(self.net)
     self.tx = train.make_optimizer(a)
-    self.mesh = sharding.make_mesh(config.sharding.mesh, devices)
-    self.rules = sharding.rules_from_config(config.sharding.rules)
-    sharding.check_rules(self.rules, self.mesh)
+    self.mesh, self.rules = sharding.mesh_and_rules(config.sharding, devices)
     for field, size in (("config.afm.batch_size", a.batch_size),
                         ("config.sample.batch_size", config.sample.batch_size)):
       sharding.check_batch_size(size, self.mesh, self.rules, field)
     repl = sharding.replicated(self.mesh)
     data = sharding.batch_sharding(self.mesh, self.rules)
-    boxed = jax.eval_shape(self.with_rules(
-        lambda: init_state(self.gen, self.disc, self.tx, config.seed, True)))
-    self.state_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
-    self.abstract_state = rundir.abstract_like(sharding.unbox(boxed), self.state_shardings)
-    self.init = jax.jit(self.with_rules(
-        lambda: init_state(self.gen, self.disc, self.tx, config.seed)),
-        out_shardings=self.state_shardings)
+    self.state_shardings, self.abstract_state, self.init = sharding.sharded_state(
+        lambda: init_state(self.gen, self.disc, self.tx, config.seed, True),
+        lambda: init_state(self.gen, self.disc, self.tx, config.seed), self.mesh, self.rules)
     target_shardings = self.target.param_shardings
     step = functools.partial(afm_step, gen=self.gen, disc=self.disc, tx=self.tx, a=a,
                              a_d=without_ema(a), target=self.target)
@@ -414,7 +290,7 @@ class AFMTrainer:
     # G forward + backward (3 passes), D on fakes and reals (6); D step: G forward (1), D forward
     # and backward on 2 + 2 r_fraction batches (3 each).
     count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
-    p_g, p_d = count(sharding.unbox(boxed).g.params), count(sharding.unbox(boxed).d.params)
+    p_g, p_d = count(self.abstract_state.g.params), count(self.abstract_state.d.params)
     tokens = self.net.num_tokens
     self.flops_per_step = a.batch_size * (
         2 * tokens * (4 * p_g + (6 + 3 * (2 + 2 * a.r_fraction)) * p_d)
@@ -422,7 +298,7 @@ class AFMTrainer:
     self.device_kind = self.mesh.devices.flat[0].device_kind
 
   def with_rules(self, fn):
-    return train.with_rules(self.rules, fn)
+    return sharding.with_rules(self.rules, fn)
 
   def generate(self, g_params, labels: np.ndarray, key: jax.Array) -> np.ndarray:
     """One image per label, float32 in [-1, 1] [N, H, W, C], in batches of sample.batch_size
@@ -447,19 +323,19 @@ class AFMTrainer:
     The tag defaults to "student" where the student decodes FARMER's latents. An existing file
     of that name (the same step and settings) is kept."""
     s, num_levels, step = self.config.sample, self.config.data.num_levels, int(state.step)
+    requested = tag is not None
     if tag is None:
       tag = "student" if self.target.use_student else ""
     npz = run.samples(step, tag)
-    if rundir.exists(npz):
-      logging.info("%s exists (same step and sample settings): kept", npz)
+    info = {"step": step, "target": self.config.afm.target, "seed": s.seed,
+            "sample": s.to_dict(),
+            "decoder": self.decoder if self.config.afm.target == "farmer_latent" else None}
+    if rundir.keep_existing_samples(npz, info, requested=requested):
       return str(npz)
     classes = sample.parse_classes(s.classes, self.net.num_classes)
     labels = sample.grid_labels(classes, s.per_class)
     images = sample.quantize(self.generate(state.g.ema_params, labels, jax.random.key(s.seed)),
                              num_levels)
-    info = {"step": step, "target": self.config.afm.target, "seed": s.seed,
-            "sample": s.to_dict(),
-            "decoder": self.decoder if self.config.afm.target == "farmer_latent" else None}
     grid = sample.write_samples(run, step, images, labels, num_levels, rows=len(classes),
                                 tag=tag, info=info)
     if writer is not None:
@@ -477,9 +353,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains G and D (resuming from the latest checkpoint), sampling every `afm.eval_every` steps
   and at the end; in `workdir`, or <workdir>/afm on FARMER's latents (whose statistics are
   measured first). `stop_after_steps` as in `train.train_and_evaluate`."""
-  train.validate_config(config)
+  config_check.validate(config)
   a = config.afm
-  with rundir.hold(workdir):
+  with rundir.hold(workdir), preemption.handle_signals():
     run = output_dir(config, workdir)
     # Before any weights are read: a resumed run must keep its data, model and AFM sizes.
     rundir.check_config(config, run, extra=(("afm", _AFM_IDENTITY),))

@@ -79,7 +79,7 @@ class FarmerLatentTarget:
     else:
       self.trainer = train.Trainer(config, devices)
       self.student = None
-      state, info = train.restore_frozen(
+      state, info = distill.restore_frozen(
           config, self.trainer, farmer_dir, a.farmer_step or (recorded or {}).get("step"),
           what="FARMER", workdir_field="afm.farmer_workdir", step_field="afm.farmer_step",
           check_step=check_recorded)
@@ -169,7 +169,7 @@ class FarmerLatentTarget:
       z = self.latents(params, batch, key).reshape(-1, self.shape[-1])
       return jnp.sum(z, 0), jnp.sum(jnp.square(z), 0), z.shape[0]
 
-    fn = jax.jit(train.with_rules(rules, moments),
+    fn = jax.jit(sharding.with_rules(rules, moments),
                  in_shardings=({"farmer": self.param_shardings["farmer"]},
                                sharding.batch_sharding(self.mesh, rules), None))
     total = np.zeros((2, self.shape[-1]), np.float64)

@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from farmer_jax import input_pipeline, metrics, rundir, sample, sharding, train
+from farmer_jax import (config_check, input_pipeline, metrics, preemption, rundir, sample,
+                        sharding, train)
 from farmer_jax.models import farmer, flow
 
 TrainState = train.TrainState
@@ -146,7 +147,7 @@ class Distiller:
   init from the teacher's AF parameters, and the jitted distillation and evaluation steps."""
 
   def __init__(self, config: ml_collections.ConfigDict, devices=None):
-    train.validate_distill(config)
+    config_check.validate_distill(config)
     self.config = config
     self.trainer = trainer = train.Trainer(config, devices)
     c, d = trainer.model_config, config.distill
@@ -160,11 +161,9 @@ class Distiller:
     repl = sharding.replicated(trainer.mesh)
     data = sharding.batch_sharding(trainer.mesh, trainer.rules)
     self.flow_shardings = trainer.state_shardings.params["flow"]
-    boxed = jax.eval_shape(trainer.with_rules(self._boxed_state))
-    self.state_shardings = sharding.tree_shardings(boxed, trainer.mesh, trainer.rules)
-    self.abstract_state = rundir.abstract_like(sharding.unbox(boxed), self.state_shardings)
-    self.init = jax.jit(trainer.with_rules(self._state_from_teacher),
-                        in_shardings=(self.flow_shardings,), out_shardings=self.state_shardings)
+    self.state_shardings, self.abstract_state, self.init = sharding.sharded_state(
+        self._boxed_state, self._state_from_teacher, trainer.mesh, trainer.rules,
+        in_shardings=(self.flow_shardings,))
     step = functools.partial(distill_step, teacher=self.teacher, student=self.student, tx=self.tx,
                              config=config, model_config=c, data_noise=self.data_noise)
     self.step = jax.jit(trainer.with_rules(step),
@@ -190,8 +189,7 @@ class Distiller:
 
   def _state_from_teacher(self, flow_params) -> TrainState:
     """Step 0: the student's parameters (and EMA) are the teacher AF's."""
-    return TrainState(step=jnp.int32(0), params=flow_params, ema_params=flow_params,
-                      opt_state=self.tx.init(flow_params), nonfinite_step=jnp.int32(-1))
+    return TrainState.create(flow_params, self.tx)
 
   def student_params(self, state: TrainState):
     """The parameters that decode: the EMA (equal to the raw ones when distill.ema_decay = 0)."""
@@ -262,6 +260,34 @@ class Distiller:
 # ---------------------------------------------------------------------------------------------
 
 
+def restore_frozen(config, trainer: train.Trainer, workdir, step: int | None, *, what: str,
+                   workdir_field: str, step_field: str, check_step=None
+                   ) -> tuple[TrainState, dict]:
+  """A trained FARMER used frozen (distillation's teacher, AFM's latent space): step `step`
+  (None: the latest) of `workdir`, its step and eval weights only, after checking the config
+  against the workdir's. `check_step(step)` may refuse the step first. Clear errors name
+  `workdir_field` / `step_field`. -> (state, {"workdir", "step"})."""
+  run = rundir.RunDir(workdir)
+  ckpt = rundir.Checkpointer(run, read_only=True)
+  steps = ckpt.all_steps()
+  if not steps:
+    raise FileNotFoundError(
+        f"no {what} checkpoint in {ckpt.directory}: train FARMER first (python -m "
+        f"farmer_jax.main --config=... --workdir={workdir}), or point config.{workdir_field} at "
+        f"a trained workdir")
+  if check_step is not None:
+    check_step(steps[-1] if step is None else step)
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"config.{step_field} = {step}: no such checkpoint in "
+                            f"{ckpt.directory} (available: {steps})")
+  rundir.check_config(config, run, record=False)
+  state = trainer.restore_eval_state(ckpt, step)
+  if check_step is not None and step is None and int(state.step) != steps[-1]:
+    check_step(int(state.step))   # the newest checkpoint was damaged: an earlier one restored
+  ckpt.close()
+  return state, {"workdir": str(run), "step": int(state.step)}
+
+
 def restore_teacher(config: ml_collections.ConfigDict, workdir: str,
                     trainer: train.Trainer) -> tuple[TrainState, dict]:
   """The frozen teacher (its step and eval weights only: `Trainer.restore_eval_state`) and
@@ -281,7 +307,7 @@ def restore_teacher(config: ml_collections.ConfigDict, workdir: str,
           f"{recorded['step']}, not {teacher_dir} step {step}; use a new --workdir or remove "
           f"{run} to start over")
 
-  return train.restore_frozen(config, trainer, teacher_dir,
+  return restore_frozen(config, trainer, teacher_dir,
                               d.teacher_step or (recorded or {}).get("step"), what="teacher",
                               workdir_field="distill.teacher_workdir",
                               step_field="distill.teacher_step", check_step=check_step)
@@ -332,7 +358,7 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          stop_after_steps: int | None = None) -> TrainState:
   """Distils the AF inverse of the teacher into <workdir>/distill (resuming from its latest
   checkpoint), evaluates and samples with the student. `stop_after_steps` as in training."""
-  with rundir.hold(workdir) as top:
+  with rundir.hold(workdir) as top, preemption.handle_signals():
     dist = Distiller(config)
     d, run = config.distill, top.distill
     with jax.set_mesh(dist.mesh):

@@ -1,19 +1,33 @@
 """What `--mode` runs for each phase: the entry points of train.py, distill.py, afm.py and the
 FID evaluation, chosen from the config's phase and, for sampling, `sample.decoder`."""
+import jax
 import ml_collections
 
-from farmer_jax import distill, rundir, train
+from farmer_jax import config_check, distill, rundir, train
 
 MODES = ("train", "evaluate", "sample", "plan", "fid")
 
 
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """--mode=evaluate: test-split bpd of the latest checkpoint -> eval/metrics.json and a line of
+  eval/history.jsonl."""
+  with rundir.hold(workdir) as run:
+    trainer, state = train.restore_latest(config, workdir)
+    with jax.set_mesh(trainer.mesh):
+      return trainer.evaluate(state, run, mode="evaluate")
+
+
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """--mode=sample: decoded by the distilled student when `sample.decoder` says so ("auto": when
-  <workdir>/distill holds one), else by the exact inverse. Returns the npz path."""
-  train.validate_config(config)
+  """--mode=sample: samples_<step>_<tag>.npz and .png from the latest checkpoint, decoded by the
+  distilled student when `sample.decoder` says so ("auto": when <workdir>/distill holds one), else
+  by the exact inverse. Returns the npz path."""
+  config_check.validate(config)
   if rundir.decoder(config, workdir) == "student":
     return distill.sample_with_student(config, workdir)
-  return train.sample_latest(config, workdir)
+  with rundir.hold(workdir) as run:
+    trainer, state = train.restore_latest(config, workdir)
+    with jax.set_mesh(trainer.mesh):
+      return trainer.sample(state, run, tag=rundir.sample_tag(config.sample, "exact"))
 
 
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str):
@@ -28,7 +42,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str):
     return (distill.distill_and_evaluate if phase == "distill"
             else train.train_and_evaluate)(config, workdir)
   if mode == "evaluate":
-    return (distill.evaluate_latest if phase == "distill" else train.evaluate)(config, workdir)
+    return (distill.evaluate_latest if phase == "distill" else evaluate)(config, workdir)
   if mode == "fid":
     from farmer_jax.evaluation import fid_mode  # noqa: PLC0415 (fid mode only)
     return fid_mode.evaluate_fid(config, workdir)

@@ -3,7 +3,7 @@
 Everything it writes under the workdir goes through farmer_jax/rundir.py, which documents the
 layout: checkpoints, train_log.jsonl, eval/metrics.json and history.jsonl, samples, TensorBoard.
 """
-import dataclasses
+import time
 from typing import Any
 
 from absl import logging
@@ -15,153 +15,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from farmer_jax import config_base, input_pipeline, metrics, preemption, rundir, sample, sharding
-from farmer_jax.evaluation import fid_config
-from farmer_jax.models import farmer, layers, prior
-
-# ---------------------------------------------------------------------------------------------
-# Config checks: everything is validated before any compute.
-# ---------------------------------------------------------------------------------------------
-
-_SECTIONS = {
-    "data": {"name", "image_size", "channels", "num_levels", "num_classes", "hflip", "data_dir",
-             "train_split", "eval_split", "shuffle_buffer"},
-    "train": {"batch_size", "num_steps", "learning_rate", "min_learning_rate", "warmup_steps",
-              "b1", "b2", "weight_decay", "grad_clip", "ema_decay", "noise_max", "noise_min",
-              "latent_norm_penalty", "grad_accum_steps", "skip_nonfinite", "log_every",
-              "checkpoint_every", "keep_checkpoints"},
-    "eval": {"batch_size", "every", "dequant_seed"},
-    "sharding": {"mesh", "rules"},
-    "sample": {"per_class", "batch_size", "seed", "classes", "denoise", "decoder", "name",
-               *(f.name for f in dataclasses.fields(prior.SamplerConfig))},
-    "distill": {"teacher_workdir", "teacher_step", "batch_size", "num_steps", "noise_max",
-                "data_noise", "learning_rate", "min_learning_rate", "warmup_steps", "b1", "b2",
-                "weight_decay", "grad_clip", "ema_decay", "skip_nonfinite", "log_every",
-                "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples"},
-    "fid": fid_config.FIELDS,
-    "afm": {"batch_size", "num_steps", "patch_size", "width", "depth", "head_dim", "mlp_ratio",
-            "learning_rate", "min_learning_rate", "warmup_steps", "b1", "b2", "weight_decay",
-            "grad_clip", "ema_decay", "lambda_ot_max", "lambda_ot_min", "r_fraction", "r_eps",
-            "r_weight", "center_weight", "grad_norm", "skip_nonfinite", "log_every",
-            "checkpoint_every", "keep_checkpoints", "eval_every", "target", "farmer_workdir",
-            "farmer_step", "stats_batches"},
-}
-_TOP_LEVEL = {"seed", "phase", "model", *_SECTIONS}
-AFM_TARGETS = ("pixels", "farmer_latent")   # SPEC sec. 7: a data set's pixels, FARMER's z^I
-
-
-def _checker(config: ml_collections.ConfigDict):
-  """need(ok, "section.field", why) raises ValueError naming the field and its value."""
-  def need(ok: bool, field: str, why: str):
-    if not ok:
-      value = config.get(field) if "." not in field else config[field.split(".")[0]].get(
-          field.split(".")[1])
-      raise ValueError(f"config.{field} = {value!r}: {why}")
-  return need
-
-
-def _check_optimizer(need, name: str, s) -> None:
-  """The fields `make_optimizer` and `apply_gradients` read, of section `name` (= s)."""
-  need(s.learning_rate > 0, f"{name}.learning_rate", "must be > 0")
-  need(0 <= s.min_learning_rate <= s.learning_rate, f"{name}.min_learning_rate",
-       f"must be in [0, {name}.learning_rate]")
-  need(s.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")
-  need(0 <= s.ema_decay < 1, f"{name}.ema_decay", "must be in [0, 1) (0 disables EMA)")
-  need(s.grad_clip >= 0, f"{name}.grad_clip", "must be >= 0 (0 disables clipping)")
-
-
-def validate_distill(config: ml_collections.ConfigDict) -> None:
-  """The `distill` section, for phase=distill (SPEC sec. 6)."""
-  need, d = _checker(config), config.distill
-  for f in ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every",
-            "eval_samples"):
-    need(isinstance(d[f], int) and d[f] > 0, f"distill.{f}",
-         "must be a positive integer" + (" (paper: 60 epochs)" if f == "num_steps" else ""))
-  need(d.batch_size is None or (isinstance(d.batch_size, int) and d.batch_size > 0),
-       "distill.batch_size", "must be a positive integer or None (train.batch_size)")
-  need(d.teacher_step is None or (isinstance(d.teacher_step, int) and d.teacher_step > 0),
-       "distill.teacher_step", "must be a positive integer or None (the latest checkpoint)")
-  need(d.noise_max >= 0, "distill.noise_max", "must be >= 0 (paper: 0.3)")
-  need(d.data_noise is None or d.data_noise >= 0, "distill.data_noise",
-       "must be >= 0 or None (train.noise_min)")
-  _check_optimizer(need, "distill", d)
-  need(config.model.af_blocks and config.model.af_blocks > 0, "model.af_blocks",
-       "must be > 0 to distil: there is no AF inverse to distil")
-
-
-def validate_afm(config: ml_collections.ConfigDict) -> None:
-  """The `afm` section, for phase=afm (SPEC sec. 7)."""
-  need, a = _checker(config), config.afm
-  for f in ("batch_size", "num_steps", "patch_size", "width", "depth", "head_dim", "mlp_ratio",
-            "log_every", "checkpoint_every", "keep_checkpoints", "eval_every"):
-    need(isinstance(a[f], int) and a[f] > 0, f"afm.{f}", "must be a positive integer")
-  need(a.width % a.head_dim == 0, "afm.width", f"must be a multiple of afm.head_dim = {a.head_dim}")
-  need(a.target in AFM_TARGETS, "afm.target", f"must be one of {AFM_TARGETS}")
-  if a.target == "pixels":
-    need(config.data.image_size % a.patch_size == 0, "afm.patch_size",
-         f"must divide data.image_size = {config.data.image_size}")
-  else:   # the grid of FARMER latent tokens, image_size / model.patch_size on a side
-    grid = config.data.image_size // (config.model.patch_size or 1)
-    need(grid % a.patch_size == 0, "afm.patch_size",
-         f"must divide FARMER's token grid side data.image_size / model.patch_size = {grid}")
-    need(isinstance(a.stats_batches, int) and a.stats_batches > 0, "afm.stats_batches",
-         "must be a positive integer")
-    need(a.farmer_step is None or (isinstance(a.farmer_step, int) and a.farmer_step > 0),
-         "afm.farmer_step", "must be a positive integer or None (the latest checkpoint)")
-  _check_optimizer(need, "afm", a)
-  need(0 <= a.lambda_ot_min <= a.lambda_ot_max, "afm.lambda_ot_min",
-       "must be in [0, afm.lambda_ot_max] (paper: 0.005 and 0.2)")
-  need(0 < a.r_fraction <= 1, "afm.r_fraction", "must be in (0, 1] (paper: 0.25)")
-  need(a.r_eps > 0, "afm.r_eps", "must be > 0 (paper: 0.01)")
-  need(a.r_weight >= 0, "afm.r_weight", "must be >= 0 (paper: 0.25)")
-  need(a.center_weight >= 0, "afm.center_weight", "must be >= 0 (paper: 0.01)")
-
-
-def validate_config(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
-  """Raises ValueError naming the field for unknown or invalid fields; returns the model config."""
-  unknown = sorted(set(config.keys()) - _TOP_LEVEL)
-  if unknown:
-    raise ValueError(f"config has unknown top-level field(s) {unknown}; known: {sorted(_TOP_LEVEL)}")
-  for section, known in _SECTIONS.items():
-    if section not in config:
-      raise ValueError(f"config.{section} is missing")
-    extra = sorted(set(config[section].keys()) - known)
-    if extra:
-      raise ValueError(f"config.{section} has unknown field(s) {extra}; known: {sorted(known)}")
-
-  need = _checker(config)
-  t, e, s = config.train, config.eval, config.sample
-  for f in ("train.batch_size", "train.num_steps", "train.log_every", "train.checkpoint_every",
-            "train.grad_accum_steps", "eval.batch_size", "eval.every", "sample.batch_size"):
-    section, name = f.split(".")
-    need(isinstance(config[section][name], int) and config[section][name] > 0, f,
-         "must be a positive integer")
-  need(t.get("warmup_steps", 0) >= 0, "train.warmup_steps", "must be >= 0")
-  need(t.learning_rate > 0, "train.learning_rate", "must be > 0")
-  need(0 <= t.min_learning_rate <= t.learning_rate, "train.min_learning_rate",
-       "must be in [0, train.learning_rate]")
-  need(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1) (0 disables EMA)")
-  need(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-  need(0 <= t.noise_min <= t.noise_max, "train.noise_min", "must be in [0, train.noise_max]")
-  need(isinstance(s.per_class, int) and s.per_class > 0, "sample.per_class",
-       "must be a positive integer")
-  need(t.batch_size % t.grad_accum_steps == 0, "train.grad_accum_steps",
-       f"must divide train.batch_size = {t.batch_size}")
-  need(t.get("keep_checkpoints", 1) > 0, "train.keep_checkpoints", "must be a positive integer")
-  need(s.get("decoder", "auto") in rundir.DECODERS, "sample.decoder",
-       f"must be one of {rundir.DECODERS}")
-  need(config.get("phase", "train") in config_base.PHASES, "phase",
-       f"must be one of {config_base.PHASES}")
-  if config.get("phase") == "distill":
-    validate_distill(config)
-  if config.get("phase") == "afm":
-    validate_afm(config)
-  model_config = farmer.ModelConfig.from_config(config)
-  sample.sampler_config(s)
-  sample.parse_classes(s.classes, model_config.num_classes)
-  fid_config.validate(config.fid)
-  return model_config
-
+from farmer_jax import config_check, input_pipeline, metrics, preemption, rundir, sample, sharding
+from farmer_jax.models import farmer, layers
 
 # ---------------------------------------------------------------------------------------------
 # Train state, optimiser, schedules.
@@ -178,6 +33,12 @@ class TrainState:
   # parameters stay finite and checkpointable; unless train.skip_nonfinite, so is every later one
   # and the host stops the run.
   nonfinite_step: jax.Array
+
+  @classmethod
+  def create(cls, params, tx) -> "TrainState":
+    """Step 0: `params`, their EMA equal to them, `tx`'s fresh optimiser state."""
+    return cls(step=jnp.int32(0), params=params, ema_params=params, opt_state=tx.init(params),
+               nonfinite_step=jnp.int32(-1))
 
 
 def eval_state(step, params) -> TrainState:
@@ -221,10 +82,7 @@ def init_state(model: farmer.Farmer, tx, seed: int, boxed: bool = False) -> Trai
   labels = jnp.zeros((1,), jnp.int32)
   params = model.init({"params": jax.random.key(seed), "dropout": jax.random.key(0)},
                       images, labels)["params"]
-  if not boxed:
-    params = sharding.unbox(params)
-  return TrainState(step=jnp.int32(0), params=params, ema_params=params,
-                    opt_state=tx.init(params), nonfinite_step=jnp.int32(-1))
+  return TrainState.create(params if boxed else sharding.unbox(params), tx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,14 +175,6 @@ def eval_step(params, batch: dict, key: jax.Array, *, model: farmer.Farmer):
 # ---------------------------------------------------------------------------------------------
 
 
-def with_rules(rules: sharding.Rules, fn):
-  """fn traced under the logical-axis rules `rules`."""
-  def wrapped(*args):
-    with nn.logical_axis_rules(rules):
-      return fn(*args)
-  return wrapped
-
-
 class Trainer:
   """Holds the model, the mesh and the jitted steps for one config.
 
@@ -335,12 +185,10 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, devices=None):
     self.config = config
-    self.model_config = validate_config(config)
+    self.model_config = config_check.validate(config)
     self.model = farmer.Farmer(self.model_config)
     self.tx = make_optimizer(config.train)
-    self.mesh = sharding.make_mesh(config.sharding.mesh, devices)
-    self.rules = sharding.rules_from_config(config.sharding.rules)
-    sharding.check_rules(self.rules, self.mesh)
+    self.mesh, self.rules = sharding.mesh_and_rules(config.sharding, devices)
     for field in ("train.batch_size", "eval.batch_size"):
       section, name = field.split(".")
       sharding.check_batch_size(config[section][name], self.mesh, self.rules, f"config.{field}")
@@ -350,13 +198,9 @@ class Trainer:
     repl = sharding.replicated(self.mesh)
     data = sharding.batch_sharding(self.mesh, self.rules)
     with_rules = self.with_rules
-    # Shapes and logical axes only (no allocation): the shardings every leaf of the state gets.
-    boxed = jax.eval_shape(with_rules(lambda: init_state(self.model, self.tx, config.seed, True)))
-    self.state_shardings = sharding.tree_shardings(boxed, self.mesh, self.rules)
-    self.abstract_state = rundir.abstract_like(sharding.unbox(boxed), self.state_shardings)
-    # Each device materialises only its own shards of the fresh state.
-    self.init = jax.jit(with_rules(lambda: init_state(self.model, self.tx, config.seed)),
-                        out_shardings=self.state_shardings)
+    self.state_shardings, self.abstract_state, self.init = sharding.sharded_state(
+        lambda: init_state(self.model, self.tx, config.seed, boxed=True),
+        lambda: init_state(self.model, self.tx, config.seed), self.mesh, self.rules)
     self.train_step = jax.jit(
         with_rules(lambda s, b, k: train_step(s, b, k, model=self.model, tx=self.tx,
                                               config=config)),
@@ -371,7 +215,7 @@ class Trainer:
 
   def with_rules(self, fn):
     """fn traced under this config's logical-axis rules."""
-    return with_rules(self.rules, fn)
+    return sharding.with_rules(self.rules, fn)
 
   def batch_to_global(self, local_batch: dict) -> dict:
     return sharding.to_global(local_batch, self.mesh, self.rules)
@@ -436,12 +280,11 @@ class Trainer:
     labels = sample.grid_labels(classes, s.per_class)
     step = int(state.step)
     npz = run.samples(step, tag)
-    if rundir.exists(npz):
-      logging.info("%s exists (same step and sample settings): kept", npz)
-      return str(npz)
-    images = self.generate(state, labels, student=student)
     info = {"step": step, "decoder": "exact" if student is None else "student",
             "seed": s.seed, "sample": s.to_dict()}
+    if rundir.keep_existing_samples(npz, info, requested=bool(tag)):
+      return str(npz)
+    images = self.generate(state, labels, student=student)
     grid = sample.write_samples(run, step, images, labels, c.num_levels, rows=len(classes),
                                 tag=tag, info=info)
     if writer is not None:
@@ -478,7 +321,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   `stop_after_steps` ends this run early after that many steps (a checkpoint is written), as a
   preemption would; rerunning continues to `config.train.num_steps`.
   """
-  with rundir.hold(workdir) as run:
+  with rundir.hold(workdir) as run, preemption.handle_signals():
     trainer = Trainer(config)
     t = config.train
     rundir.check_config(config, run)
@@ -518,7 +361,10 @@ def finish_run(state, preempted: bool, num_steps: int, ckpt: rundir.Checkpointer
   samples) when the run reached `num_steps`, flush the logs and close. Returns `state`."""
   if not preempted:
     ckpt.wait()
-    if int(state.step) >= num_steps:
+    if preemption.received():
+      logging.warning("%s during the last steps: step %d is saved; the end-of-run evaluation and "
+                      "samples are left to the rerun", preemption.signal_name(), int(state.step))
+    elif int(state.step) >= num_steps:
       final_fn(state)
   writer.close()
   ckpt.close()
@@ -545,7 +391,7 @@ def run_steps(state: TrainState, step_fn, *, start: int, end: int, t: ml_collect
   rundir.truncate_log(run.train_log, start)
 
   def check_finite():
-    bad = int(state.nonfinite_step)
+    bad = int(jax.device_get(state.nonfinite_step))
     if bad >= 0 and not t.skip_nonfinite:
       ckpt.wait()
       raise NonFiniteLossError(
@@ -553,15 +399,27 @@ def run_steps(state: TrainState, step_fn, *, start: int, end: int, t: ml_collect
           f"(step {ckpt.latest_step()}) holds finite parameters. Lower config.{section}.learning_rate "
           f"or set config.{section}.skip_nonfinite=True to skip such steps.")
 
+  if preemption.received():   # during the set-up: the restored (or fresh) state needs no save
+    logging.warning("%s before the first step: nothing new to save; exiting. Rerun the same "
+                    "command to resume from step %d.", preemption.signal_name(), start)
+    return state, True
+  if end > start:
+    logging.info("compiling the %s step; the first step includes it (a minute at ImageNet "
+                 "scale)", section)
+  first = time.perf_counter()
   with preemption.handle_signals():
     for step in range(start + 1, end + 1):
       state, scalars = step_fn(state)
       if step == start + 1:
         rundir.started()
+        jax.block_until_ready(scalars)
+        logging.info("step %d done in %.1f s, compilation included", step,
+                     time.perf_counter() - first)
       pending.append(scalars)
       done = step == end
       if step % t.log_every == 0 or done:
         check_finite()
+        rundir.check_held()
         summary = metrics.mean_of(pending)
         summary.update(progress.update(step))
         summary.update(metrics.throughput(summary["steps_per_sec"], flops_per_step, num_devices,
@@ -587,34 +445,6 @@ def run_steps(state: TrainState, step_fn, *, start: int, end: int, t: ml_collect
   return state, False
 
 
-def restore_frozen(config, trainer: Trainer, workdir, step: int | None, *, what: str,
-                   workdir_field: str, step_field: str, check_step=None
-                   ) -> tuple[TrainState, dict]:
-  """A trained FARMER used frozen (distillation's teacher, AFM's latent space): step `step`
-  (None: the latest) of `workdir`, its step and eval weights only, after checking the config
-  against the workdir's. `check_step(step)` may refuse the step first. Clear errors name
-  `workdir_field` / `step_field`. -> (state, {"workdir", "step"})."""
-  run = rundir.RunDir(workdir)
-  ckpt = rundir.Checkpointer(run, read_only=True)
-  steps = ckpt.all_steps()
-  if not steps:
-    raise FileNotFoundError(
-        f"no {what} checkpoint in {ckpt.directory}: train FARMER first (python -m "
-        f"farmer_jax.main --config=... --workdir={workdir}), or point config.{workdir_field} at "
-        f"a trained workdir")
-  if check_step is not None:
-    check_step(steps[-1] if step is None else step)
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f"config.{step_field} = {step}: no such checkpoint in "
-                            f"{ckpt.directory} (available: {steps})")
-  rundir.check_config(config, run, record=False)
-  state = trainer.restore_eval_state(ckpt, step)
-  if check_step is not None and step is None and int(state.step) != steps[-1]:
-    check_step(int(state.step))   # the newest checkpoint was damaged: an earlier one restored
-  ckpt.close()
-  return state, {"workdir": str(run), "step": int(state.step)}
-
-
 def restore_latest(config, workdir) -> tuple[Trainer, TrainState]:
   """The Trainer of `config` and the latest intact checkpoint of `workdir`, its eval weights only
   (evaluate, sample, fid modes)."""
@@ -626,20 +456,3 @@ def restore_latest(config, workdir) -> tuple[Trainer, TrainState]:
   state = trainer.restore_eval_state(ckpt, None)
   ckpt.close()
   return trainer, state
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """--mode=evaluate: test-split bpd of the latest checkpoint."""
-  with rundir.hold(workdir) as run:
-    trainer, state = restore_latest(config, workdir)
-    with jax.set_mesh(trainer.mesh):
-      return trainer.evaluate(state, run, mode="evaluate")
-
-
-def sample_latest(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """--mode=sample with the exact inverse: samples_<step>_<tag>.npz and .png from the latest
-  checkpoint (`modes.sample` chooses between this and the distilled student)."""
-  with rundir.hold(workdir) as run:
-    trainer, state = restore_latest(config, workdir)
-    with jax.set_mesh(trainer.mesh):
-      return trainer.sample(state, run, tag=rundir.sample_tag(config.sample, "exact"))

@@ -12,7 +12,8 @@ import pytest
 
 import signals
 from configs import afm_digits, afm_farmer_latent
-from farmer_jax import afm, rundir, sharding, train
+from farmer_jax import afm, config_check, rundir, sharding
+from farmer_jax.models import afm_nets
 
 A = ml_collections.ConfigDict(dict(r_fraction=0.25, r_eps=0.01, r_weight=0.25, center_weight=0.01,
                                    num_steps=100, lambda_ot_max=0.2, lambda_ot_min=0.005))
@@ -93,8 +94,8 @@ def test_finite_difference_r1_matches_autodiff():
 @pytest.fixture(scope="module")
 def tiny_nets():
   config = afm_digits.get_config("tiny")
-  net = afm.NetConfig.from_config(config)
-  gen, disc = afm.Generator(net), afm.Discriminator(net)
+  net = afm_nets.NetConfig.from_config(config)
+  gen, disc = afm_nets.Generator(net), afm_nets.Discriminator(net)
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
   y = jnp.array([0, 1, 2, 3])
   g_params = jax.jit(gen.init)(jax.random.key(1), x, y)["params"]
@@ -219,10 +220,10 @@ def test_imagenet_latent_variant_is_afm_xl_sized():
   """configs/afm_farmer_latent.py:imagenet256_1p9b validates, and its G over FARMER-1.9B's 16x16
   grid of 128 informative channels has the size of AFM's XL (DiT-XL: 675M parameters)."""
   c = afm_farmer_latent.get_config("imagenet256_1p9b")
-  train.validate_config(c)
-  net = afm.NetConfig.from_config(c, (16, 16, c.model.d_informative))
+  config_check.validate(c)
+  net = afm_nets.NetConfig.from_config(c, (16, 16, c.model.d_informative))
   assert net.num_tokens == 256 and net.token_dim == 128
-  shapes = jax.eval_shape(lambda: afm.Generator(net).init(
+  shapes = jax.eval_shape(lambda: afm_nets.Generator(net).init(
       jax.random.key(0), jnp.zeros((1, 16, 16, 128)), jnp.zeros((1,), jnp.int32)))
   count = sum(x.size for x in jax.tree.leaves(shapes))
   assert 0.95 * 675e6 < count < 1.05 * 675e6, count

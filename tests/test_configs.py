@@ -4,7 +4,7 @@ import importlib
 import jax
 import pytest
 
-from farmer_jax import config_base, plan, train
+from farmer_jax import config_base, config_check, plan
 
 
 @pytest.mark.parametrize("name,patch,w,t_pi_v", [
@@ -12,7 +12,7 @@ from farmer_jax import config_base, plan, train
     ("imagenet256_1p9b", "16", 3.5, 0.2), ("imagenet256_1p9b", "8", 1.5, 0.1)])
 def test_imagenet_configs_validate_with_table6_sampling(name, patch, w, t_pi_v):
   c = importlib.import_module(f"configs.{name}").get_config(patch)
-  mc = train.validate_config(c)
+  mc = config_check.validate(c)
   assert (c.sample.guidance, c.sample.w, c.sample.t_pi_v, c.sample.t_s) == ("resample", w, t_pi_v, 1.1)
   assert (c.sample.num_cond, c.sample.num_uncond) == (5, 5)
   assert mc.num_tokens == {"16": 256, "8": 1024}[patch]
@@ -23,12 +23,12 @@ def test_imagenet_configs_validate_with_table6_sampling(name, patch, w, t_pi_v):
 def test_every_field_without_a_default_must_be_set():
   c = config_base.base_config()
   with pytest.raises(ValueError, match=r"config\.train\.batch_size"):
-    train.validate_config(c)
+    config_check.validate(c)
 
 
 def count(name, arg=""):
   module = importlib.import_module(f"configs.{name}")
-  return plan.count_params(train.validate_config(module.get_config(arg) if arg else module.get_config()))
+  return plan.count_params(config_check.validate(module.get_config(arg) if arg else module.get_config()))
 
 
 @pytest.mark.parametrize("name,arg,paper", [

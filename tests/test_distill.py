@@ -13,7 +13,7 @@ import pytest
 
 import signals
 from configs import afm_farmer_latent, digits
-from farmer_jax import afm, afm_latent, distill, input_pipeline, modes, rundir, sharding, train
+from farmer_jax import afm, afm_latent, config_check, distill, input_pipeline, modes, rundir, sharding, train
 from farmer_jax.models import farmer, flow
 
 
@@ -228,10 +228,10 @@ def test_clear_errors(teacher_dir, tmp_path):
     modes.sample(c, teacher_dir if not rundir.has_student(teacher_dir)
                  else str(tmp_path / "none"))
   with pytest.raises(ValueError, match="config.distill.noise_max"):
-    train.validate_config(tiny_distill(noise_max=-1.0))
+    config_check.validate(tiny_distill(noise_max=-1.0))
   with pytest.raises(ValueError, match="config.sample.decoder"):
     c.sample.decoder = "fast"
-    train.validate_config(c)
+    config_check.validate(c)
 
 
 def test_sharded_distill_step_matches_one_device(teacher_dir):
@@ -296,7 +296,7 @@ def test_afm_on_latents_trains_samples_guards_its_farmer_and_inverts(distilled, 
   with pytest.raises(ValueError, match="config.afm.width = 64"):
     afm.train_and_evaluate(wider, out)
   with pytest.raises(ValueError, match="FARMER's token grid side"):
-    train.validate_config(tiny_latent(patch_size=3))
+    config_check.validate(tiny_latent(patch_size=3))
 
   # The latent space itself, with the run's statistics (exact decoder).
   target = afm_latent.FarmerLatentTarget(c, out)

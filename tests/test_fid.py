@@ -16,7 +16,7 @@ import pytest
 import scipy.linalg
 
 from configs import digits
-from farmer_jax import input_pipeline, rundir, sample, sharding, train
+from farmer_jax import config_check, input_pipeline, rundir, sample, sharding, train
 from farmer_jax.evaluation import fid_mode, inception, scores, weights
 
 # ------------------------------------------------------------------ scores vs plain numpy / scipy
@@ -238,4 +238,4 @@ def test_invalid_fid_config_names_the_field(field, value):
   c = fid_config()
   c.fid[field] = value
   with pytest.raises(ValueError, match=rf"config\.fid\.{field}"):
-    train.validate_config(c)
+    config_check.validate(c)

@@ -1,5 +1,4 @@
 """Model math: identity at init, invertibility, causality, logdet, GMM densities, loss parts, bpd."""
-import dataclasses
 import math
 
 import chex

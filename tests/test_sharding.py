@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from farmer_jax import input_pipeline, rundir, sharding, train
+from farmer_jax import config_check, input_pipeline, rundir, sharding, train
 from farmer_jax.models import farmer
 
 
@@ -163,7 +163,7 @@ def stack_layers(params):
 def test_scanned_and_rematerialised_layers_compute_the_same_function():
   c = small_config()
   c.model.update(af_layers=2, prior_layers=2)
-  mc = train.validate_config(c)
+  mc = config_check.validate(c)
   batch = first_batch(c)
   x = train.dequantize(batch["image"], mc.num_levels, jax.random.key(0))
   plain = farmer.Farmer(mc)

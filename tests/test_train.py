@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import digits
-from farmer_jax import modes, rundir, train
+from farmer_jax import config_check, input_pipeline, metrics, modes, rundir, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,8 +55,8 @@ def test_evaluate_and_sample_modes_use_latest_checkpoint(trained_workdir):
   workdir, _ = trained_workdir
   step = tiny().train.num_steps
   end_of_run = open(os.path.join(workdir, "samples", f"samples_{step}.npz"), "rb").read()
-  result = train.evaluate(tiny(), workdir)
-  train.evaluate(tiny(), workdir)
+  result = modes.evaluate(tiny(), workdir)
+  modes.evaluate(tiny(), workdir)
   history = read_history(workdir)
   assert [(r["step"], r["mode"]) for r in history] == [(step, "train"), (step, "evaluate")]
   assert result["step"] == step
@@ -95,7 +95,7 @@ def test_invalid_sample_request_fails_before_compute(trained_workdir, field, val
   c.sample[field] = value
   before = sorted(os.listdir(os.path.join(workdir, "samples")))
   with pytest.raises(ValueError, match=needle):
-    train.sample_latest(c, workdir)
+    modes.sample(c, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "samples"))) == before
 
 
@@ -104,7 +104,7 @@ def test_workdir_rejects_a_different_model(trained_workdir):
   c = tiny()
   c.model.af_blocks = 3
   with pytest.raises(ValueError, match=r"config\.model\.af_blocks = 3 but .* was trained with 2"):
-    train.evaluate(c, workdir)
+    modes.evaluate(c, workdir)
 
 
 def test_resumed_run_reproduces_uninterrupted_run(trained_workdir, tmp_path):
@@ -123,6 +123,52 @@ def test_resumed_run_reproduces_uninterrupted_run(trained_workdir, tmp_path):
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                        resumed.params, init.params)
   assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_golden_two_steps(tmp_path):
+  """Two steps of the tiny config from its fixed seed against stored values: a silent change of
+  the numerics (model, loss, optimiser, data order, keys) fails here. The first step's learning
+  rate is 0 (warm-up), so the second is where the parameters move."""
+  c = tiny()
+  trainer = train.Trainer(c)
+  data = input_pipeline.train_iterator(c.data, global_batch_size=c.train.batch_size, seed=c.seed)
+  losses = []
+  with jax.set_mesh(trainer.mesh):
+    state = trainer.init()
+    init = jax.device_get(state.params)
+    for _ in range(2):
+      state, scalars = trainer.train_step(state, trainer.batch_to_global(next(data)),
+                                          jax.random.key(c.seed + 1))
+      losses.append(float(scalars["loss"]))
+  params = [np.asarray(a, np.float64) for a in jax.tree.leaves(jax.device_get(state.params))]
+  moved = sum(float(np.abs(a - np.asarray(b, np.float64)).sum())
+              for a, b in zip(params, jax.tree.leaves(init)))
+  np.testing.assert_allclose(losses, [1.6849446, 1.6669031], rtol=1e-5)
+  np.testing.assert_allclose(sum(float(a.sum()) for a in params), 266.56794, atol=1e-3)
+  np.testing.assert_allclose(moved, 2.7325310, rtol=1e-4)
+
+
+def test_the_training_loop_makes_no_implicit_host_transfer(tmp_path):
+  """The step loop (steps, logging, checkpoints) under jax.transfer_guard("disallow"): every
+  host-to-device copy in it is an explicit one (the batch), none hides in the step's arguments.
+  (On CPU the guard does not see device-to-host reads, which share host memory.)"""
+  c = tiny()
+  trainer = train.Trainer(c)
+  run = rundir.RunDir(tmp_path)
+  data = input_pipeline.train_iterator(c.data, global_batch_size=c.train.batch_size, seed=c.seed)
+  ckpt, writer = rundir.Checkpointer(run), metrics.create_writer(run)
+  with jax.set_mesh(trainer.mesh):
+    state = trainer.init()
+    key = jax.random.key(c.seed + 1)
+    with jax.transfer_guard("disallow"):
+      state, preempted = train.run_steps(
+          state, lambda s: trainer.train_step(s, trainer.batch_to_global(next(data)), key),
+          start=0, end=10, t=c.train, ckpt=ckpt, run=run, writer=writer,
+          flops_per_step=trainer.flops_per_step, num_devices=trainer.mesh.size,
+          device_kind=trainer.device_kind)
+  ckpt.close()
+  assert not preempted and int(state.step) == 10 and ckpt.all_steps() == [10]
+  assert [r["step"] for r in rundir.read_jsonl(run.train_log)] == [5, 10]
 
 
 def exploding():
@@ -175,7 +221,7 @@ def test_unknown_config_field_is_rejected(tmp_path, section):
   c[section].unlock()
   c[section]["not_a_field"] = 1
   with pytest.raises(ValueError, match=f"config.{section}.*not_a_field"):
-    train.validate_config(c)
+    config_check.validate(c)
 
 
 # Runs the command line in a process that sends itself `SIGNAL` while the training loop draws

@@ -1,14 +1,17 @@
 """`config.fid`: its fields (defaults and sources in config_base.py) and their checks.
 
-Checked with the rest of the config before any compute (train.validate_config); whether the
-weights and reference files exist is checked when --mode=fid starts, before sampling.
+Checked with the rest of the config before any compute (config_check.validate), without
+importing the network; whether the weights and reference files exist is checked when --mode=fid
+starts, before sampling.
 """
-from farmer_jax.evaluation import inception
 
 FIELDS = {"num_samples", "batch_size", "inception_weights", "reference", "num_reference",
           "samples", "save_samples", "resize", "preprocess", "precision", "is_splits", "pr_k",
           "pr_batch_size"}
 TFDS_PREFIX = "tfds:"
+PREPROCESS = ("adm", "pytorch_fid")   # input conventions (evaluation/inception.py)
+PRECISIONS = ("highest", "default")   # matmul / conv precision of the Inception network
+MIN_RESIZE = 75      # the smallest input whose feature maps stay non-empty through Mixed_7c
 
 
 def validate(fid) -> None:
@@ -26,12 +29,11 @@ def validate(fid) -> None:
        f"must be < config.fid.num_samples = {fid.num_samples} (k-th nearest neighbours)")
   need(isinstance(fid.num_reference, int) and fid.num_reference >= 0, "num_reference",
        "must be an integer >= 0 (0: every reference image)")
-  need(isinstance(fid.resize, int) and fid.resize >= inception.MIN_RESIZE, "resize",
-       f"must be an integer >= {inception.MIN_RESIZE} (the published protocol: 299)")
-  need(fid.preprocess in inception.PREPROCESS, "preprocess",
-       f"must be one of {inception.PREPROCESS}")
-  need(fid.precision in inception.PRECISION, "precision",
-       f"must be one of {tuple(inception.PRECISION)}")
+  need(isinstance(fid.resize, int) and fid.resize >= MIN_RESIZE, "resize",
+       f"must be an integer >= {MIN_RESIZE} (the published protocol: 299)")
+  need(fid.preprocess in PREPROCESS, "preprocess",
+       f"must be one of {PREPROCESS}")
+  need(fid.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
   need(fid.inception_weights is None or isinstance(fid.inception_weights, str),
        "inception_weights", "must be a path to the .pth / converted .npz, or 'random'")
   ref = fid.reference

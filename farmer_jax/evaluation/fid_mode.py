@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from farmer_jax import distill, input_pipeline, rundir, sample, sharding, train
+from farmer_jax import config_check, distill, input_pipeline, rundir, sample, sharding, train
 from farmer_jax.evaluation import fid_config, inception, scores, weights
 
 ADM_REFERENCE_BATCHES = "https://github.com/openai/guided-diffusion/tree/main/evaluations"
@@ -229,7 +229,7 @@ def evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
   fid = config.fid
-  train.validate_config(config)
+  config_check.validate(config)
   check_reference(fid.reference)
   variables = weights.load_variables(fid.inception_weights, seed=config.seed)
   if fid.inception_weights == weights.RANDOM:

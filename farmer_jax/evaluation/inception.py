@@ -28,11 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PREPROCESS = ("adm", "pytorch_fid")
+from farmer_jax.evaluation import fid_config
+
+PREPROCESS = fid_config.PREPROCESS
 PRECISION = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
 POOL3_DIM = 2048
 NUM_LOGITS = 1008
-MIN_RESIZE = 75      # the smallest input whose feature maps stay non-empty through Mixed_7c
+MIN_RESIZE = fid_config.MIN_RESIZE
 
 
 @functools.lru_cache(maxsize=16)
@@ -294,23 +296,3 @@ def random_variables(seed: int = 0) -> dict:
     return np.full(shape.shape, 1.0 if name in ("scale", "var") else 0.0, np.float32)
 
   return jax.tree_util.tree_map_with_path(draw, variable_shapes())
-
-
-def flops_per_image(resize: int = 299) -> float:
-  """Multiply-add FLOPs (2 per MAC) of the convolutions and the fc layer for one image, from the
-  shapes the network traces (pooling, batch norm and the resize are left out: < 1%)."""
-  macs = []
-
-  def count(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    module = context.module
-    if context.method_name == "__call__" and isinstance(module, (nn.Conv, Logits)):
-      kernel = math.prod(module.kernel_size) if isinstance(module, nn.Conv) else 1
-      macs.append(math.prod(out.shape[1:]) * kernel * args[0].shape[-1])
-    return out
-
-  model = FIDInceptionV3(resize=resize)
-  image = jax.ShapeDtypeStruct((1, resize, resize, 3), jnp.float32)
-  with nn.intercept_methods(count):
-    jax.eval_shape(lambda x: model.init(jax.random.key(0), x), image)
-  return 2.0 * sum(macs)
