@@ -10,6 +10,11 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 
+class ConfigError(ValueError):
+  """A config field that is unknown, of the wrong type, out of range or inconsistent (with the
+  others, or with the devices): main.py prints the message as one line and exits 2."""
+
+
 # Logical axis -> mesh axes (farmer_jax/sharding.py; the names are those of models/layers.py).
 # Data parallelism over `data` and `fsdp`; parameters split over `fsdp` on their width (ZeRO-3
 # style: gathered per layer in the forward and backward passes); Megatron-style `tensor`
@@ -28,38 +33,38 @@ DEFAULT_RULES = (
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0                   # training: parameter init, data order, dropout and noise
   # train: FARMER on exact likelihood. distill: the one-step student of its AF inverse (SPEC
   # sec. 6, farmer_jax/distill.py), from the teacher in --workdir (or distill.teacher_workdir).
   c.phase = "train"
 
   c.data = dict(
       name=None,                 # digits | mnist | cifar10 | imagenet2012 | downsampled_imagenet/64x64
-      image_size=None,
+      image_size=None,           # side of the square images, in pixels
       channels=3,
       num_levels=256,            # uint8 images (SPEC sec. 1)
       num_classes=0,             # 0: unconditional (the null class only)
       hflip=False,               # ours: on by default for ImageNet configs (SPEC sec. 1)
       data_dir=placeholder(str),  # tfds data_dir (None: ~/tensorflow_datasets)
-      train_split="train",
-      eval_split="test",
-      shuffle_buffer=10_000,
+      train_split="train",       # tfds split names
+      eval_split="test",         # the test-bpd split
+      shuffle_buffer=10_000,     # examples in the shuffle window (0: none)
   )
 
   c.model = dict(
-      patch_size=None,
+      patch_size=None,           # p: the tokens are p x p x channels patches
       # Autoregressive flow (SPEC sec. 2).
-      af_blocks=None,
-      af_layers=None,
-      af_width=None,
+      af_blocks=None,            # AF blocks, each a causal Transformer (0: the prior alone)
+      af_layers=None,            # Transformer layers per AF block
+      af_width=None,             # AF Transformer width
       head_dim=64,               # SPEC sec. 2
       mlp_ratio=4,               # SPEC sec. 2
       af_start_token=True,       # ours: transform token 1 too (paper leaves it unchanged: False)
       logscale_clip=4.0,         # ours: a = c * tanh(a_raw / c), SPEC sec. 2; 0 disables
       af_class_conditional=False,  # ours: FARMER's AF is unconditional
       # AR prior with GMM heads (SPEC sec. 3).
-      prior_layers=None,
-      prior_width=None,
+      prior_layers=None,         # layers of the AR prior Transformer
+      prior_width=None,          # AR prior Transformer width
       d_informative=None,        # paper: 128 of 768 at patch 16; d_I = d means no split
       class_repeat=64,           # paper: class embedding x 64 (FID 49.29 -> 45.34)
       k_informative=64,          # paper
@@ -75,8 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
   )
 
   c.train = dict(
-      batch_size=None,
-      num_steps=None,
+      batch_size=None,           # global: over all devices and processes
+      num_steps=None,            # optimiser steps of the whole run (the cosine schedule's end)
       learning_rate=1e-4,        # paper, SPEC sec. 8
       min_learning_rate=1e-6,    # paper: cosine to 1e-6
       warmup_steps=5000,         # paper
@@ -89,9 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
       latent_norm_penalty=0.0,   # ours, off by default (SPEC sec. 4)
       grad_accum_steps=1,        # ours: micro-batches per step (batch_size / this per pass)
       skip_nonfinite=False,      # ours: False stops at a non-finite loss, True skips that step
-      log_every=100,
-      checkpoint_every=1000,
-      keep_checkpoints=3,
+      log_every=100,             # steps between console / TensorBoard scalar lines
+      checkpoint_every=1000,     # steps between checkpoints (SIGTERM also saves one)
+      keep_checkpoints=3,        # the newest this many are kept
   )
 
   c.distill = dict(
@@ -110,10 +115,10 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_steps=1000,
       b1=0.9, b2=0.95,
       weight_decay=0.0,          # ours: no pull away from the teacher's weights
-      grad_clip=1.0,
-      ema_decay=0.9999,
-      skip_nonfinite=False,
-      log_every=100,
+      grad_clip=1.0,             # global-norm clip (0: off)
+      ema_decay=0.9999,          # EMA of the student's weights (0: off)
+      skip_nonfinite=False,      # as train.skip_nonfinite
+      log_every=100,             # as the train fields of the same names
       checkpoint_every=1000,
       keep_checkpoints=3,
       eval_every=10_000,         # also at the end
@@ -132,13 +137,13 @@ def base_config() -> ml_collections.ConfigDict:
       farmer_workdir=placeholder(str),  # farmer_latent: the FARMER workdir (None: the recorded one, else --workdir)
       farmer_step=placeholder(int),  # its checkpoint (None: the student's teacher step, else latest)
       stats_batches=20,          # ours: batches of batch_size whose latents give mean / std
-      batch_size=placeholder(int),
+      batch_size=placeholder(int),  # global; set by phase=afm configs
       num_steps=placeholder(int),
-      patch_size=placeholder(int),
+      patch_size=placeholder(int),  # of pixels, or of FARMER's token grid (farmer_latent)
       width=placeholder(int),    # G and D: equal size (paper)
-      depth=placeholder(int),
-      head_dim=64,
-      mlp_ratio=4,
+      depth=placeholder(int),    # Transformer layers of G and of D
+      head_dim=64,               # as model.head_dim
+      mlp_ratio=4,               # as model.mlp_ratio
       learning_rate=1e-4,        # paper (SPEC sec. 7), constant
       min_learning_rate=1e-4,    # = learning_rate: no decay (paper)
       warmup_steps=0,            # ours
@@ -147,14 +152,14 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip=0.0,             # ours: off
       ema_decay=0.9999,          # paper: G EMA
       lambda_ot_max=0.2,         # paper: OT weight, cosine 0.2 -> 0.005 over the run
-      lambda_ot_min=0.005,
+      lambda_ot_min=0.005,       # paper: its end value
       r_fraction=0.25,           # paper: finite-difference R1 / R2 on 25% of the batch
       r_eps=0.01,                # paper: e
       r_weight=0.25,             # paper
       center_weight=0.01,        # paper: logit centering 0.01 * (D(x) + D(G(z)))^2
       grad_norm=False,           # ours: unit-RMS adversarial gradient at G's output (afm.py)
-      skip_nonfinite=False,
-      log_every=100,
+      skip_nonfinite=False,      # as train.skip_nonfinite
+      log_every=100,             # as the train fields of the same names
       checkpoint_every=1000,
       keep_checkpoints=3,
       eval_every=1000,           # samples_<step>.npz + PNG from the G EMA (also at the end)
@@ -163,27 +168,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding = dict(
       # Mesh axes in device order (the last varies fastest: keep `tensor` last); -1 takes the rest.
       mesh=dict(data=-1, fsdp=1, tensor=1),
-      rules=DEFAULT_RULES,
+      rules=DEFAULT_RULES,       # logical axis -> mesh axes (DEFAULT_RULES above)
   )
 
   c.eval = dict(
-      batch_size=None,
+      batch_size=None,           # global; test-split bpd batch
       every=10_000,              # also always at the end of training
-      dequant_seed=0,
+      dequant_seed=0,            # of the test images' dequantisation noise: comparable bpd
   )
 
   c.sample = dict(
       per_class=10,              # one grid row per class
       classes="all",             # or comma-separated ids, e.g. "3,5"
       batch_size=64,             # fixed batch: one compilation, any number of samples
-      seed=0,
+      seed=0,                    # of the sample noise (part of the file tag)
       # Prior sampling (SPEC sec. 5; names follow the paper's Table 6).
       guidance="none",           # none | resample (Algorithm 1) | naive (JetFormer/GIVT)
-      w=0.0,
+      w=0.0,                     # guidance weight (resample and naive)
       temperature=1.0,           # informative head: logits / T  (unguided and naive)
       scale=1.0,                 # informative head: std * s
-      temperature_redundant=1.0,
-      scale_redundant=1.0,
+      temperature_redundant=1.0,  # redundant head: logits / T
+      scale_redundant=1.0,       # redundant head: std * s
       num_cond=5, num_uncond=5,  # s_c / s_u (paper: 5 / 5)
       t_pi=1.0, t_sigma=1.0,     # proposal temperatures
       t_pi_v=1.0, t_sigma_v=1.0, # temperatures of the densities in the weights
@@ -191,7 +196,7 @@ def base_config() -> ml_collections.ConfigDict:
       ts_mode="multiply",        # ours: log-weights * T_s ("divide": / T_s); the paper is ambiguous
       weight_all_by_w=False,     # the appendix's variant: all candidates weighted by w
       redundant_pool=64,         # ours: pool for the shared redundant GMM, resampled N times
-      naive_max_tries=32,
+      naive_max_tries=32,        # naive: rejection-sampling proposals, then the best ratio wins
       denoise=False,             # TARFlow-style score step with sigma = train.noise_min
       decoder="auto",            # exact (KV-cached AF inverse) | student (distilled, one pass per
                                  # block) | auto: the student when <workdir>/distill has one

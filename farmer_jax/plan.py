@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from farmer_jax import metrics, sharding, train
+from farmer_jax import config_check, metrics, sharding, train
 from farmer_jax.models import farmer
 
 GIB = 1024 ** 3
@@ -59,6 +59,18 @@ def tpu_devices(topology: str):
 def memory_of_train_step(config: ml_collections.ConfigDict, devices) -> dict:
   """Compiles the train step for `devices` (abstract shapes only) and reads its memory analysis."""
   trainer = train.Trainer(config, devices=devices)
+  t, mesh = config.train, trainer.mesh
+  shards = sharding.batch_shards(mesh, trainer.rules)
+  micro = t.batch_size // t.grad_accum_steps
+  # Before the compile, which can take minutes: a wrong mesh or batch split shows at once.
+  logging.info("plan: mesh %s over %d %s devices (config.sharding.mesh = %s); batch %d over %d "
+               "batch shards: %d examples per device per step%s", dict(mesh.shape), len(devices),
+               devices[0].device_kind, dict(config.sharding.mesh), t.batch_size, shards,
+               t.batch_size // shards,
+               f" in {t.grad_accum_steps} micro-batches of {micro // shards}"
+               if t.grad_accum_steps > 1 else "")
+  logging.info("compiling the train step for %d %s devices (this can take minutes)", len(devices),
+               devices[0].device_kind)
   start = time.perf_counter()
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(trainer.mesh))
@@ -67,6 +79,7 @@ def memory_of_train_step(config: ml_collections.ConfigDict, devices) -> dict:
                                        trainer.abstract_batch(config.train.batch_size), key)
     compiled = lowered.compile()
   compile_s = time.perf_counter() - start
+  logging.info("compiled in %.1f s", compile_s)
   mem = compiled.memory_analysis()
   out = {"mesh": dict(trainer.mesh.shape), "device_kind": devices[0].device_kind,
          "num_devices": len(devices), "compile_s": round(compile_s, 1)}
@@ -94,7 +107,7 @@ def plan(config: ml_collections.ConfigDict, *, devices=None, device_memory_gib: 
          device_kind: str | None = None, compile_step: bool = True) -> dict:
   """The plan as a dict (see the module docstring). `device_kind` (e.g. "H100") names the
   accelerator the fake CPU devices stand for, for the ideal step time at its peak FLOP/s."""
-  model_config = train.validate_config(config)
+  model_config = config_check.validate(config)
   devices = jax.devices() if devices is None else devices
   t = config.train
   result = {
