@@ -39,8 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from farmer_jax import (config_check, input_pipeline, metrics, preemption, rundir, sample,
-                        sharding, train)
+from farmer_jax import config_check, preemption, rundir, sample, sharding, train
 from farmer_jax.models import layers
 from farmer_jax.models.afm_nets import Discriminator, Generator, NetConfig
 
@@ -374,10 +373,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         state = ckpt.restore(trainer.abstract_state)
         logging.info("resumed AFM from checkpoint at step %d of %d", int(state.step), a.num_steps)
       start = int(state.step)
-      end = a.num_steps if stop_after_steps is None else min(a.num_steps, start + stop_after_steps)
-      writer = metrics.create_writer(run, start)
-      data = input_pipeline.train_iterator(config.data, global_batch_size=a.batch_size,
-                                           seed=config.seed, start_step=start)
+      end, writer, data = train.loop_inputs(config, run, start, a.num_steps, stop_after_steps,
+                                            a.batch_size)
       base_key = jax.random.key(config.seed + 3)
       to_global = lambda b: sharding.to_global(b, trainer.mesh, trainer.rules)
       state, preempted = train.run_steps(

@@ -41,8 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from farmer_jax import (config_check, input_pipeline, metrics, preemption, rundir, sample,
-                        sharding, train)
+from farmer_jax import config_check, input_pipeline, preemption, rundir, sample, sharding, train
 from farmer_jax.models import farmer, flow
 
 TrainState = train.TrainState
@@ -379,10 +378,8 @@ def distill_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.info("resumed distillation from checkpoint at step %d of %d", int(state.step),
                      d.num_steps)
       start = int(state.step)
-      end = d.num_steps if stop_after_steps is None else min(d.num_steps, start + stop_after_steps)
-      writer = metrics.create_writer(run, start)
-      data = input_pipeline.train_iterator(config.data, global_batch_size=dist.batch_size,
-                                           seed=config.seed, start_step=start)
+      end, writer, data = train.loop_inputs(config, run, start, d.num_steps, stop_after_steps,
+                                            dist.batch_size)
       base_key = jax.random.key(config.seed + 2)
       state, preempted = train.run_steps(
           state, lambda s: dist.step(s, teacher_params["flow"],

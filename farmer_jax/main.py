@@ -21,7 +21,7 @@ Any config field can be overridden, e.g. --config.train.num_steps=100. A config 
 field, a value of the wrong type or out of range, a missing config file or variant) stops the run
 before any compute with one line naming the field, and exit status 2 (farmer_jax/cli.py).
 
---workdir may be local or remote (gs://...): every file goes through farmer_jax/rundir.py. One run
+--workdir may be local or remote (gs://...): every file goes through farmer_jax/rundir/. One run
 holds a workdir at a time (lock.json); SIGTERM or SIGINT saves a checkpoint of the current step
 and exits 0, and rerunning the same command resumes.
 

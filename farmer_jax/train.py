@@ -1,6 +1,7 @@
-"""The FARMER trainer: one linear file in sections. `train_and_evaluate(config, workdir)` is the entry.
+"""The FARMER trainer, in sections: state, steps, Trainer, entry (`train_and_evaluate`), and the
+step loop every phase reuses (`run_steps`).
 
-Everything it writes under the workdir goes through farmer_jax/rundir.py, which documents the
+Everything it writes under the workdir goes through farmer_jax/rundir/, which documents the
 layout: checkpoints, train_log.jsonl, eval/metrics.json and history.jsonl, samples, TensorBoard.
 """
 import time
@@ -335,10 +336,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("starting from scratch: %d steps, %s parameters; checkpoints in %s",
                    t.num_steps, f"{sum(a.size for a in jax.tree.leaves(state.params)):,}",
                    ckpt.directory)
-    end = t.num_steps if stop_after_steps is None else min(t.num_steps, start + stop_after_steps)
-    writer = metrics.create_writer(run, start)
-    data = input_pipeline.train_iterator(config.data, global_batch_size=t.batch_size,
-                                         seed=config.seed, start_step=start)
+    end, writer, data = loop_inputs(config, run, start, t.num_steps, stop_after_steps,
+                                    t.batch_size)
     base_key = jax.random.key(config.seed + 1)
     with jax.set_mesh(trainer.mesh):
       state, preempted = run_steps(
@@ -352,6 +351,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         trainer.evaluate(state, run, writer)
         trainer.sample(state, run, writer)
       return finish_run(state, preempted, t.num_steps, ckpt, writer, final)
+
+
+def loop_inputs(config: ml_collections.ConfigDict, run: rundir.RunDir, start: int, num_steps: int,
+                stop_after_steps: int | None, batch_size: int):
+  """What a phase's step loop reads when it starts at `start`: the step this run ends at, its
+  TensorBoard writer and the training batches, continuing where the checkpoint left the data
+  stream. -> (end, writer, batch iterator)."""
+  end = num_steps if stop_after_steps is None else min(num_steps, start + stop_after_steps)
+  data = input_pipeline.train_iterator(config.data, global_batch_size=batch_size,
+                                       seed=config.seed, start_step=start)
+  return end, metrics.create_writer(run, start), data
 
 
 def finish_run(state, preempted: bool, num_steps: int, ckpt: rundir.Checkpointer, writer,
@@ -396,8 +406,9 @@ def run_steps(state: TrainState, step_fn, *, start: int, end: int, t: ml_collect
       ckpt.wait()
       raise NonFiniteLossError(
           f"non-finite loss or gradients at step {bad}; training stopped, the last checkpoint "
-          f"(step {ckpt.latest_step()}) holds finite parameters. Lower config.{section}.learning_rate "
-          f"or set config.{section}.skip_nonfinite=True to skip such steps.")
+          f"(step {ckpt.latest_step()}) holds finite parameters. Lower "
+          f"config.{section}.learning_rate or set config.{section}.skip_nonfinite=True to skip "
+          f"such steps.")
 
   if preemption.received():   # during the set-up: the restored (or fresh) state needs no save
     logging.warning("%s before the first step: nothing new to save; exiting. Rerun the same "

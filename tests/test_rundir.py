@@ -1,4 +1,4 @@
-"""The run directory (farmer_jax/rundir.py): strict JSON and logs, the one-writer lock, damaged
+"""The run directory (farmer_jax/rundir/): strict JSON and logs, the one-writer lock, damaged
 checkpoints, and failures that leave the workdir as it was or say what to do in one line."""
 import errno
 import json
