@@ -141,12 +141,13 @@ def test_remote_holders_are_judged_by_their_heartbeat(tmp_path):
 # ------------------------------------------------------------------ damaged checkpoints
 
 
-def truncate_largest_file(directory):
-  """Cuts a checkpoint's largest file (array data) to 16 bytes, as a full disk or a killed copy
-  would."""
-  files = [p for p in directory.rglob("*") if p.is_file()]
-  biggest = max(files, key=lambda p: p.stat().st_size)
-  biggest.write_bytes(biggest.read_bytes()[:16])
+def truncate_array_data(directory):
+  """Cuts every array data file of a checkpoint (OCDBT's d/ files) to 16 bytes, as a full disk or
+  a killed copy would: whichever arrays a restore reads, it meets a damaged file."""
+  data = [p for p in directory.rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert data
+  for p in data:
+    p.write_bytes(p.read_bytes()[:16])
 
 
 def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restored(tmp_path):
@@ -158,7 +159,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restore
   for step in (1, 2):
     ckpt.save(step, fresh.replace(step=jnp.int32(step), params=bump(fresh.params, step)))
   ckpt.close()
-  truncate_largest_file(tmp_path / "checkpoints" / "2")
+  truncate_array_data(tmp_path / "checkpoints" / "2")
 
   ckpt = rundir.Checkpointer(tmp_path)
   restored = ckpt.restore(trainer.abstract_state)
@@ -170,7 +171,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restore
   assert moved.startswith("2-") and os.listdir(tmp_path / "damaged_checkpoints" / moved)
   # The eval-weights-only restore goes the same way; with none intact, one clear error, and the
   # last checkpoint stays where it is.
-  truncate_largest_file(tmp_path / "checkpoints" / "1")
+  truncate_array_data(tmp_path / "checkpoints" / "1")
   with pytest.raises(rundir.WorkdirError, match=r"no checkpoint in .* restores onto this run's "
                                                 r"state \(steps \[1\]; step 1: "):
     trainer.restore_eval_state(rundir.Checkpointer(tmp_path), None)
