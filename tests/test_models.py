@@ -298,3 +298,40 @@ def test_sample_shapes_range_and_decode_inverts():
   z = m.apply({"params": params}, x, y)["z"]
   np.testing.assert_allclose(m.apply({"params": params}, z, y, method=farmer.Farmer.decode), x,
                              atol=1e-4)
+
+
+def equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in its equations (scan, pjit, remat)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from equations(inner)
+
+
+def test_bfloat16_networks_keep_the_flow_math_and_the_loss_in_float32():
+  """model.dtype = bfloat16: the Transformers' matmuls run in bfloat16 on float32 parameters,
+  while the affine steps and logdet (z, logdet), the GMM log-probabilities and the loss stay
+  float32, inside a real train step, whose updated parameters stay float32."""
+  from configs import digits  # noqa: PLC0415
+  from farmer_jax import input_pipeline, train  # noqa: PLC0415
+  c = digits.get_config("tiny")
+  c.model.dtype = "bfloat16"
+  trainer = train.Trainer(c, jax.devices()[:1])
+  batch = next(input_pipeline.train_iterator(c.data, global_batch_size=c.train.batch_size,
+                                             seed=0))
+  x = train.dequantize(jnp.asarray(batch["image"]), 17, jax.random.key(0))
+  with jax.set_mesh(trainer.mesh):
+    state = trainer.init()
+    apply = lambda p: trainer.model.apply({"params": p}, x, jnp.asarray(batch["label"]))
+    out = apply(state.params)
+    for name in ("nll", "bpd", "nll_informative", "nll_redundant", "logdet", "z"):
+      assert out[name].dtype == jnp.float32, name
+    in_dtypes = [v.aval.dtype for e in equations(jax.make_jaxpr(apply)(state.params).jaxpr)
+                 if e.primitive.name == "dot_general" for v in e.invars]
+    assert in_dtypes.count(jnp.bfloat16) > len(in_dtypes) // 2, in_dtypes
+    new, scalars = trainer.train_step(state, trainer.batch_to_global(batch), jax.random.key(1))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
+  assert scalars["loss"].dtype == jnp.float32 and np.isfinite(float(scalars["loss"]))

@@ -49,6 +49,7 @@ class ModelConfig:
   scan_layers: bool = False      # ours: nn.scan over each Transformer's layers (stacked params)
   remat: str = "none"            # ours: layers.REMAT_POLICIES (none | full | dots | dots_no_batch)
   redundant_head_width: int = 0  # ours: > 0 puts a Linear(prior_width -> this) before that head
+  attention: str = "einsum"      # layers.ATTENTION: the kernel, not the model
 
   @property
   def token_dim(self) -> int:
@@ -111,6 +112,8 @@ class ModelConfig:
     need(self.remat in layers.REMAT_POLICIES, "model.remat",
          f"must be one of {sorted(layers.REMAT_POLICIES)}")
     need(isinstance(self.scan_layers, bool), "model.scan_layers", "must be True or False")
+    need(self.attention in layers.ATTENTION, "model.attention",
+         f"must be one of {layers.ATTENTION}")
     need(isinstance(self.redundant_head_width, int) and self.redundant_head_width >= 0,
          "model.redundant_head_width", "must be an integer >= 0 (0: no projection)")
 
@@ -177,7 +180,7 @@ def make_flow(c: ModelConfig, causal: bool = True, name: str | None = None) -> f
       depth=c.af_layers, head_dim=c.head_dim, mlp_ratio=c.mlp_ratio,
       start_token=c.af_start_token, logscale_clip=c.logscale_clip,
       num_classes=c.num_classes if c.af_class_conditional else 0, dtype=_DTYPES[c.dtype],
-      scan_layers=c.scan_layers, remat=c.remat, causal=causal, name=name)
+      scan_layers=c.scan_layers, remat=c.remat, attention=c.attention, causal=causal, name=name)
 
 
 class Farmer(nn.Module):
@@ -194,7 +197,7 @@ class Farmer(nn.Module):
         depth=c.prior_layers, k_informative=c.k_informative, k_redundant=c.k_redundant,
         redundant_model=c.redundant_model, head_dim=c.head_dim, mlp_ratio=c.mlp_ratio,
         scale_floor=c.scale_floor, dtype=dtype, scan_layers=c.scan_layers, remat=c.remat,
-        redundant_head_width=c.redundant_head_width, name="prior")
+        attention=c.attention, redundant_head_width=c.redundant_head_width, name="prior")
 
   @property
   def prior_reads_reversed(self) -> bool:

@@ -56,6 +56,7 @@ class AffineBlock(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = False     # see layers.Transformer
   remat: str = "none"
+  attention: str = "einsum"     # layers.ATTENTION
   causal: bool = True           # False: the distilled one-step student of this block (SPEC sec. 6)
 
   def setup(self):
@@ -71,8 +72,8 @@ class AffineBlock(nn.Module):
           embedding_init=layers.param_init(nn.linear.default_embed_init, layers.VOCAB, layers.EMBED))
     self.transformer = layers.Transformer(self.width, self.depth, self.head_dim, self.mlp_ratio,
                                           causal=self.causal, dtype=self.dtype,
-                                          scan_layers=self.scan_layers,
-                                          remat=self.remat, name="transformer")
+                                          scan_layers=self.scan_layers, remat=self.remat,
+                                          attention=self.attention, name="transformer")
     # Zero-initialised: every block starts as the identity (SPEC sec. 2).
     self.head = layers.dense(2 * self.token_dim, (layers.EMBED, layers.OUT), self.dtype, "head",
                              kernel_init=nn.initializers.zeros)
@@ -182,6 +183,7 @@ class Flow(nn.Module):
   dtype: Any = jnp.float32
   scan_layers: bool = False
   remat: str = "none"
+  attention: str = "einsum"
   causal: bool = True           # False: the one-step student (SPEC sec. 6), same parameter tree
 
   def setup(self):
@@ -190,7 +192,8 @@ class Flow(nn.Module):
                     head_dim=self.head_dim, mlp_ratio=self.mlp_ratio,
                     start_token=self.start_token, logscale_clip=self.logscale_clip,
                     num_classes=self.num_classes, dtype=self.dtype, scan_layers=self.scan_layers,
-                    remat=self.remat, causal=self.causal, name=f"block_{t}")
+                    remat=self.remat, causal=self.causal, attention=self.attention,
+                    name=f"block_{t}")
         for t in range(self.num_blocks)
     ]
 

@@ -40,6 +40,52 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
+# Attention implementations (`model.attention`): a choice of kernel, not of model (the parameters
+# and the function are the same, so a workdir trained with one evaluates and resumes with another).
+#   einsum       [B, H, T, S] logits by batched matmuls, softmax in float32: the reference, and
+#                the fastest form on CPU.
+#   dot_product  jax.nn.dot_product_attention with the implementation left to JAX: cuDNN's fused
+#                kernel on a GPU where it serves the case (bfloat16 / float16 inputs and shapes it
+#                supports; not one-token decoding against a cache), else XLA's own.
+#   auto         dot_product on GPU and TPU, einsum on CPU.
+ATTENTION = ("einsum", "dot_product", "auto")
+
+
+def resolve_attention(name: str) -> str:
+  """The implementation `name` stands for on the backend this process runs on."""
+  if name not in ATTENTION:
+    raise ValueError(f"config.model.attention = {name!r}: must be one of {ATTENTION}")
+  if name == "auto":
+    return "einsum" if jax.default_backend() == "cpu" else "dot_product"
+  return name
+
+
+def attend(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, q_pos_T: jax.Array,
+           masked: bool, implementation: str, dtype: Dtype) -> jax.Array:
+  """softmax(q k^T / sqrt(K), keys at positions <= each query's when `masked`) v -> [B, T, H, K].
+
+  Query t sits at position q_pos_T[t]; keys at 0 .. S-1. Logits and softmax are float32, the
+  products run in `dtype`."""
+  scale = q_BxTxHxK.shape[-1] ** -0.5
+  t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
+  if resolve_attention(implementation) == "dot_product":
+    causal_square = masked and t == s   # no cache: JAX's own causal mask
+    mask = None
+    if masked and not causal_square:
+      mask = (jnp.arange(s)[None, :] <= q_pos_T[:, None])[None, None]   # [1, 1, T, S]
+    return jax.nn.dot_product_attention(
+        q_BxTxHxK.astype(dtype), k_BxSxHxK.astype(dtype), v_BxSxHxK.astype(dtype), mask=mask,
+        is_causal=causal_square, scale=scale)
+  # [B, H, T, S] layout: plain batched matmuls were the fastest form on CPU (STYLE.md figures).
+  logits_BxHxTxS = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxSxHxK).astype(jnp.float32)
+  logits_BxHxTxS = logits_BxHxTxS * scale
+  if masked:
+    mask_TxS = jnp.arange(s)[None, :] <= q_pos_T[:, None]
+    logits_BxHxTxS = jnp.where(mask_TxS, logits_BxHxTxS, jnp.finfo(jnp.float32).min)
+  probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(dtype)
+  return jnp.einsum("bhqs,bshk->bqhk", probs_BxHxTxS, v_BxSxHxK.astype(dtype))
+
+
 def constrain(x: jax.Array, *names) -> jax.Array:
   """Sharding constraint by logical names (a no-op outside a mesh or without rules)."""
   return nn.with_logical_constraint(x, names)
@@ -75,6 +121,7 @@ class Attention(nn.Module):
   head_dim: int = 64
   causal: bool = True
   dtype: Dtype = jnp.float32
+  attention: str = "einsum"     # ATTENTION
 
   @nn.compact
   def __call__(self, x_BxTxW: jax.Array, cache=None, index=None):
@@ -101,14 +148,8 @@ class Attention(nn.Module):
                                                       index, axis=1)
       cache = (k_BxSxHxK, v_BxSxHxK)
       q_pos = q_pos + index
-    # [B, H, T, S] layout: plain batched matmuls were the fastest form on CPU (STYLE.md figures).
-    logits_BxHxTxS = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxSxHxK).astype(jnp.float32)
-    logits_BxHxTxS = logits_BxHxTxS * (self.head_dim ** -0.5)
-    if self.causal or cache is not None:
-      mask_TxS = jnp.arange(k_BxSxHxK.shape[1])[None, :] <= q_pos[:, None]
-      logits_BxHxTxS = jnp.where(mask_TxS, logits_BxHxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(self.dtype)
-    out_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxTxS, v_BxSxHxK.astype(self.dtype))
+    out_BxTxHxK = attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, q_pos, self.causal or cache is not None,
+                         self.attention, self.dtype)
     w_out = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
     kernel = self.param("out", param_init(w_out, HEADS, HEAD_DIM, EMBED),
                         (heads, self.head_dim, self.width))
@@ -136,11 +177,12 @@ class TransformerLayer(nn.Module):
   mlp_ratio: int = 4
   causal: bool = True
   dtype: Dtype = jnp.float32
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x_BxNxW: jax.Array, cache=None, index=None):
     x_BxNxW = constrain(x_BxNxW, ACT_BATCH, ACT_SEQ, ACT_EMBED)
-    attn, cache = Attention(self.width, self.head_dim, self.causal, self.dtype,
+    attn, cache = Attention(self.width, self.head_dim, self.causal, self.dtype, self.attention,
                             name="attn")(layer_norm(self.dtype, "ln_attn")(x_BxNxW), cache, index)
     x_BxNxW = x_BxNxW + attn
     x_BxNxW = x_BxNxW + MLP(self.width, self.mlp_ratio, self.dtype,
@@ -166,6 +208,7 @@ class Transformer(nn.Module):
   dtype: Dtype = jnp.float32
   scan_layers: bool = False
   remat: str = "none"
+  attention: str = "einsum"     # ATTENTION
 
   def init_cache(self, batch: int, length: int, dtype: Dtype | None = None):
     """Zero keys and values for every layer, each [B, length, H, K]: a list of (k, v) per layer,
@@ -186,7 +229,7 @@ class Transformer(nn.Module):
     layer = TransformerLayer
     if self.remat != "none":
       layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
-    args = (self.width, self.head_dim, self.mlp_ratio, self.causal, self.dtype)
+    args = (self.width, self.head_dim, self.mlp_ratio, self.causal, self.dtype, self.attention)
     if self.scan_layers:
       stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(0, nn.broadcast), length=self.depth,

@@ -82,6 +82,7 @@ class Prior(nn.Module):
   scan_layers: bool = False      # see layers.Transformer
   redundant_head_width: int = 0  # > 0: the redundant head reads a Linear(width -> this) projection
   remat: str = "none"
+  attention: str = "einsum"      # layers.ATTENTION
 
   @property
   def d_redundant(self) -> int:
@@ -100,7 +101,8 @@ class Prior(nn.Module):
                           (self.class_repeat + self.num_tokens, self.width))
     self.transformer = layers.Transformer(self.width, self.depth, self.head_dim, self.mlp_ratio,
                                           causal=True, dtype=self.dtype, scan_layers=self.scan_layers,
-                                          remat=self.remat, name="transformer")
+                                          remat=self.remat, attention=self.attention,
+                                          name="transformer")
     self.head_informative = layers.dense(gmm.num_outputs(self.k_informative, self.d_informative),
                                          (layers.EMBED, layers.OUT), self.dtype, "head_informative")
     if self.d_redundant > 0 and self.redundant_model == "gmm":

@@ -340,7 +340,7 @@ def keep_existing_samples(npz, info: dict, requested: bool) -> bool:
 
 _DATA_IDENTITY = ("name", "image_size", "channels", "num_classes", "num_levels")
 # Model fields that change how the step runs but not the parameters: free to change on resume.
-_MODEL_NOT_IDENTITY = ("remat", "dtype")
+_MODEL_NOT_IDENTITY = ("remat", "dtype", "attention")
 
 
 def check_config(config: ml_collections.ConfigDict, run: RunDir, record: bool = True,
