@@ -6,12 +6,14 @@ implementation, sampling time per image, train-step memory against --mode=plan, 
         [--sample_batches=16,256] [--inception_batch=256] [--out=FILE]
     python benchmarks/accelerator.py --smoke     # seconds on CPU: the digits tiny model
 
-For each patch size and attention implementation the train step (bfloat16, the config's remat)
-runs at the largest per-device batch of --batches that compiles and runs, timed over --steps steps
+For each patch size and attention implementation the train step (bfloat16, the config's remat,
+layers scanned unless --no_scan) runs at the largest per-device batch of --batches that compiles and runs, timed over --steps steps
 after a warm-up step; --depth > 0 cuts every Transformer to that many layers (when the full model
 does not fit one device). MFU counts model matmul FLOPs (farmer.train_flops_per_example) against
 the device's peak (metrics.PEAK_TFLOPS). The compiled step's memory analysis is what --mode=plan
-reports; the device's own peak (memory_stats, where the backend has it) stands beside it.
+reports; the device's high-water mark so far in the process (memory_stats, where the backend has
+it) stands beside it as an upper bound. A JSON line is printed after every measurement, so a run
+cut short by a time limit keeps what it measured; the last line holds everything.
 Sampling times the config's sampler (guided as the config samples) with the exact KV-cached
 inverse and with a student decoder, per image, at each --sample_batches. Images are synthetic
 uniform uint8 and weights random: these are timings only, and the output says so.
@@ -46,9 +48,9 @@ def load_config(path: str, arg: str):
   return module.get_config(arg)
 
 
-def configure(base, *, attention: str, batch: int, depth: int, dtype: str):
+def configure(base, *, attention: str, batch: int, depth: int, dtype: str, scan: bool = True):
   c = base.copy_and_resolve_references()
-  c.model.update(attention=attention, dtype=dtype)
+  c.model.update(attention=attention, dtype=dtype, scan_layers=scan)
   if depth > 0:
     c.model.update(af_layers=min(c.model.af_layers, depth),
                    prior_layers=min(c.model.prior_layers, depth))
@@ -58,7 +60,9 @@ def configure(base, *, attention: str, batch: int, depth: int, dtype: str):
   return c
 
 
-def device_peak_gib() -> float | None:
+def process_peak_gib() -> float | None:
+  """The device's high-water mark so far in this process (every earlier case included), where the
+  backend reports one: an upper bound for the case just run, beside its compiled figure."""
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
   return None if peak is None else peak / GIB
@@ -98,21 +102,31 @@ def time_train_step(config, steps: int) -> dict:
   if mem is not None:
     out["plan_peak_gib"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
                             - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / GIB
-  out["device_peak_gib"] = device_peak_gib()
+  out["process_peak_gib_so_far"] = process_peak_gib()
   return out
 
 
+def out_of_memory(e: Exception) -> bool:
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
 def largest_batch_that_runs(base, batches, steps: int, **kw) -> dict:
+  """The first of `batches` (largest first) that fits; any other error is reported, not hidden as
+  a batch that does not fit."""
   for batch in batches:
     try:
       result = time_train_step(configure(base, batch=batch, **kw), steps)
       log(f"  batch {batch}/device: {result['step_s'] * 1e3:.1f} ms/step, "
           f"{result['tflops_per_device']:.3g} TFLOP/s, MFU {result.get('mfu')}")
       return result
-    except Exception as e:  # noqa: BLE001 (out of memory, or a kernel that rejects the shapes)
-      message = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-      log(f"  batch {batch}/device does not run: {message}")
-  return {"error": "no batch in --batches runs"}
+    except Exception as e:  # noqa: BLE001 (judged just below)
+      message = (str(e).splitlines() or [type(e).__name__])[0][:300]
+      if not out_of_memory(e):
+        log(f"  batch {batch}/device failed: {message}")
+        return {"error": f"batch {batch}/device: {type(e).__name__}: {message}"}
+      log(f"  batch {batch}/device does not fit: {message}")
+  return {"error": "no batch in --batches fits"}
 
 
 def time_sampling(base, batch: int, reps: int) -> dict:
@@ -124,7 +138,7 @@ def time_sampling(base, batch: int, reps: int) -> dict:
   student = farmer.make_flow(mc, causal=False)
   labels = (np.arange(batch) % max(mc.num_classes, 1)).astype(np.int32)
   sampler = sample.sampler_config(c.sample)
-  out = {"guidance": sampler.guidance}
+  out = {"guidance": sampler.guidance, "attention": c.model.attention}
   with jax.set_mesh(trainer.mesh):
     params = trainer.eval_params(trainer.init())
     for name, decoder in (("exact", None), ("student", (student, params["flow"]))):
@@ -165,6 +179,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--batches", default="64,32,16,8,4,2,1")
   ap.add_argument("--depth", type=int, default=0)
   ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--no_scan", action="store_true",
+                  help="unrolled layers (default: scanned, so compile time does not grow with depth)")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--sample_batches", default="16,256")
   ap.add_argument("--reps", type=int, default=2)
@@ -190,12 +206,14 @@ def main(argv=None) -> dict:
       log(f"train step: {args.config}:{patch}, attention {attention}, {args.dtype}")
       result["train"][f"{patch}/{attention}"] = largest_batch_that_runs(
           base, [int(b) for b in args.batches.split(",")], args.steps, attention=attention,
-          depth=args.depth, dtype=args.dtype)
+          depth=args.depth, dtype=args.dtype, scan=not args.no_scan)
+      metrics.print_json_line(result, args.out)   # what is measured so far survives a time-out
     for batch in (int(b) for b in args.sample_batches.split(",")):
       log(f"sampling: {args.config}:{patch}, batch {batch}")
       small = configure(base, attention=args.attention.split(",")[-1], batch=1,
-                        depth=args.depth, dtype=args.dtype)
+                        depth=args.depth, dtype=args.dtype, scan=not args.no_scan)
       result["sampling"][f"{patch}/batch{batch}"] = time_sampling(small, batch, args.reps)
+      metrics.print_json_line(result, args.out)
   log("inception features")
   result["inception"] = inception_throughput(args.inception_batch, args.reps,
                                              args.inception_resize)

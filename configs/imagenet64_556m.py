@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       d_informative=12,                  # ours: no split at d = 12
       class_repeat=1,                    # ours: unconditional
       dtype="bfloat16",                  # ours: bf16 compute, float32 params and flow math
-      attention="auto",                  # the fused kernel where the backend has one
+      attention="auto",                  # cuDNN's fused attention on GPU
       scan_layers=True, remat="dots_no_batch",  # ours: memory at 1024 tokens
   )
   # Likelihood training: bpd is measured on the data itself, so no generation noise (SPEC sec. 1).

@@ -168,5 +168,7 @@ def validate(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
   except ConfigError:
     raise
   except ValueError as e:
+    if not str(e).startswith("config."):
+      raise   # not a message about a field: a bug, with its traceback
     raise ConfigError(str(e)) from None
   return model_config

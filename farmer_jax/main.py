@@ -22,8 +22,9 @@ field, a value of the wrong type or out of range, a missing config file or varia
 before any compute with one line naming the field, and exit status 2 (farmer_jax/cli.py).
 
 --workdir may be local or remote (gs://...): every file goes through farmer_jax/rundir/. One run
-holds a workdir at a time (lock.json); SIGTERM or SIGINT saves a checkpoint of the current step
-and exits 0, and rerunning the same command resumes.
+holds a workdir at a time (lock.json). In training, distillation and AFM, SIGTERM or SIGINT saves
+a checkpoint of the current step and exits 0, and rerunning the same command resumes; elsewhere
+SIGINT stops with one line (exit 130).
 
 Several processes (TPU pod hosts, SLURM tasks, Open MPI ranks) are detected from the environment
 and joined with jax.distributed.initialize(); elsewhere pass --coordinator_address,
@@ -149,6 +150,7 @@ def main(argv):
     if value is None:
       cli.fail(f"--{name} is required with --mode={_MODE.value} (only --mode=fields goes without)")
   try:   # every mode, before any device work
+    modes.check(_MODE.value, config)
     config_check.validate(config)
     # The rule table's shape too (config_check leaves config.sharding to sharding.py, whose mesh
     # check needs the device count, known only once the backend and any cluster are up).
@@ -169,12 +171,16 @@ def main(argv):
     result = modes.run(_MODE.value, config, workdir)
     if _MODE.value == "fid":
       metrics.print_json_line(result)
-  except config_check.ConfigError as e:   # checks that need the devices (batch over the mesh)
+  except config_check.ConfigError as e:   # the devices' checks (batch over the mesh), config.json
     cli.fail(str(e))
-  except rundir.WorkdirError as e:
-    # The user's to fix (a live run holds the workdir, the disk is full or read-only): one line.
+  except (rundir.WorkdirError, FileNotFoundError) as e:
+    # The user's to fix (a live run holds the workdir, the disk is full or read-only, nothing is
+    # trained there yet, a file named in the config is missing): one line, exit 1.
     logging.error("%s", e)
     sys.exit(f"farmer_jax: {e}")
+  except KeyboardInterrupt:   # outside the training loops, which save and exit 0 themselves
+    sys.stderr.write("farmer_jax: interrupted\n")
+    sys.exit(130)
 
 
 if __name__ == "__main__":

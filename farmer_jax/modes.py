@@ -30,13 +30,21 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
       return trainer.sample(state, run, tag=rundir.sample_tag(config.sample, "exact"))
 
 
+def check(mode: str, config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError when `mode` does not exist for the config's phase."""
+  if mode not in MODES:
+    raise config_check.ConfigError(f"--mode={mode}: one of {MODES}")
+  if config.get("phase", "train") == "afm" and mode not in ("train", "sample", "plan"):
+    raise config_check.ConfigError(f"--mode={mode} is not available with config.phase = 'afm' "
+                                   f"(train, sample)")
+
+
 def run(mode: str, config: ml_collections.ConfigDict, workdir: str):
   """Runs `mode` (not plan, which main.py handles) for the config's phase."""
+  check(mode, config)
   phase = config.get("phase", "train")
   if phase == "afm":
     from farmer_jax import afm  # noqa: PLC0415 (phase=afm only)
-    if mode not in ("train", "sample"):
-      raise ValueError(f"--mode={mode} is not available with phase=afm (train, sample)")
     return (afm.train_and_evaluate if mode == "train" else afm.sample_latest)(config, workdir)
   if mode == "train":
     return (distill.distill_and_evaluate if phase == "distill"
@@ -46,6 +54,4 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str):
   if mode == "fid":
     from farmer_jax.evaluation import fid_mode  # noqa: PLC0415 (fid mode only)
     return fid_mode.evaluate_fid(config, workdir)
-  if mode == "sample":
-    return sample(config, workdir)
-  raise ValueError(f"--mode={mode}: one of {MODES}")
+  return sample(config, workdir)

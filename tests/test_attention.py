@@ -1,6 +1,7 @@
-"""Attention implementations (`model.attention`): each that runs on CPU computes what `einsum` (the
-reference) computes, in the layer (forward and gradients; causal, bidirectional, KV-cached) and in
-the whole model (loss, KV-cached sampler); and a change of implementation is not a model change."""
+"""Attention implementations (`model.attention`): `dot_product` (XLA's implementation on CPU)
+computes what `einsum` (the reference) computes, in the layer (forward and gradients; causal,
+bidirectional, KV-cached; float32 and bfloat16) and in the whole model (loss, KV-cached sampler);
+`auto` is `einsum` on CPU; and a change of implementation is not a model change."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,20 +43,35 @@ def test_layer_forward_and_gradients_equal_einsum(impl, causal):
 
 @pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS)
 def test_kv_cached_decoding_equals_einsum_and_the_full_pass(impl):
-  """Chunks of 1, 3 and 6 tokens written into a preallocated cache at their positions."""
+  """Chunks of 1, 3 and 6 tokens written into a preallocated cache at their positions, and one
+  chunk of all 10 (the cache's whole length, at index 0)."""
   x = jax.random.normal(jax.random.key(2), (2, 10, 64))
   layer = attention("einsum")
   params = layer.init(jax.random.key(3), x)["params"]
   full, _ = layer.apply({"params": params}, x)
   zeros = jnp.zeros((2, 10, 4, 16))
-  for name in ("einsum", impl):
+  for name, sizes in (("einsum", (1, 3, 6)), (impl, (1, 3, 6)), (impl, (10,))):
     cache, outs, index = (zeros, zeros), [], 0
-    for size in (1, 3, 6):
+    for size in sizes:
       out, cache = attention(name).apply({"params": params}, x[:, index:index + size], cache,
                                          index)
       outs.append(out)
       index += size
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
+
+
+def test_bfloat16_dot_product_agrees_with_einsum_to_bfloat16_precision():
+  x = jax.random.normal(jax.random.key(8), (2, 12, 64))
+  layer = lambda impl: layers.Attention(64, 16, True, jnp.bfloat16, impl)
+  params = layer("einsum").init(jax.random.key(9), x)["params"]
+  ref, _ = layer("einsum").apply({"params": params}, x)
+  got, _ = layer("dot_product").apply({"params": params}, x)
+  exact, _ = attention("einsum").apply({"params": params}, x)
+  assert got.dtype == jnp.bfloat16
+  # Both bfloat16 paths stay as close to the float32 result as bfloat16 allows, and to each other.
+  for out in (ref, got):
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - exact))) < 0.1
+  assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))) < 0.1
 
 
 def test_auto_is_einsum_on_cpu_and_bad_names_are_refused():

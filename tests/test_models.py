@@ -312,9 +312,10 @@ def equations(jaxpr):
 
 
 def test_bfloat16_networks_keep_the_flow_math_and_the_loss_in_float32():
-  """model.dtype = bfloat16: the Transformers' matmuls run in bfloat16 on float32 parameters,
-  while the affine steps and logdet (z, logdet), the GMM log-probabilities and the loss stay
-  float32, inside a real train step, whose updated parameters stay float32."""
+  """model.dtype = bfloat16: in the model's forward pass the Transformers' matmuls take bfloat16
+  inputs from float32 parameters, while the affine steps and logdet (z, logdet), the GMM
+  log-probabilities and the loss stay float32; a real train step on it gives a finite float32
+  loss."""
   from configs import digits  # noqa: PLC0415
   from farmer_jax import input_pipeline, train  # noqa: PLC0415
   c = digits.get_config("tiny")

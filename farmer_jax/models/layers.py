@@ -10,6 +10,7 @@ mesh axis. Outside a mesh, or without rules in context, the annotations do nothi
 """
 from typing import Any, Callable
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -44,10 +45,11 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 # and the function are the same, so a workdir trained with one evaluates and resumes with another).
 #   einsum       [B, H, T, S] logits by batched matmuls, softmax in float32: the reference, and
 #                the fastest form on CPU.
-#   dot_product  jax.nn.dot_product_attention with the implementation left to JAX: cuDNN's fused
-#                kernel on a GPU where it serves the case (bfloat16 / float16 inputs and shapes it
-#                supports; not one-token decoding against a cache), else XLA's own.
-#   auto         dot_product on GPU and TPU, einsum on CPU.
+#   dot_product  jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU where it serves the
+#                case (bfloat16 / float16, head dim a multiple of 8 up to 128, a full causal or
+#                unmasked pass; not decoding against a KV cache), XLA's own implementation
+#                otherwise (the fallback is chosen while tracing and logged once).
+#   auto         dot_product on GPU and TPU, einsum on CPU (by the backend this process runs on).
 ATTENTION = ("einsum", "dot_product", "auto")
 
 
@@ -60,6 +62,20 @@ def resolve_attention(name: str) -> str:
   return name
 
 
+def _cudnn_serves(dtype, head_dim: int, unmasked_or_causal: bool) -> bool:
+  return (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+          and head_dim % 8 == 0 and head_dim <= 128 and unmasked_or_causal)
+
+
+_fallbacks_logged: set[str] = set()
+
+
+def _log_fallback(message: str) -> None:
+  if message not in _fallbacks_logged:
+    _fallbacks_logged.add(message)
+    logging.warning(message)
+
+
 def attend(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, q_pos_T: jax.Array,
            masked: bool, implementation: str, dtype: Dtype) -> jax.Array:
   """softmax(q k^T / sqrt(K), keys at positions <= each query's when `masked`) v -> [B, T, H, K].
@@ -69,13 +85,20 @@ def attend(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, q_p
   scale = q_BxTxHxK.shape[-1] ** -0.5
   t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
   if resolve_attention(implementation) == "dot_product":
-    causal_square = masked and t == s   # no cache: JAX's own causal mask
+    # T == S: the full pass (a cache is then written whole at index 0), JAX's own causal mask.
+    causal_square = masked and t == s
     mask = None
     if masked and not causal_square:
       mask = (jnp.arange(s)[None, :] <= q_pos_T[:, None])[None, None]   # [1, 1, T, S]
-    return jax.nn.dot_product_attention(
-        q_BxTxHxK.astype(dtype), k_BxSxHxK.astype(dtype), v_BxSxHxK.astype(dtype), mask=mask,
-        is_causal=causal_square, scale=scale)
+    q, k, v = (a.astype(dtype) for a in (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK))
+    call = lambda impl: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal_square,
+                                                     scale=scale, implementation=impl)
+    if _cudnn_serves(q.dtype, q.shape[-1], mask is None):
+      try:
+        return call("cudnn")
+      except (ValueError, NotImplementedError, RuntimeError) as e:
+        _log_fallback(f"cuDNN attention refused {tuple(q.shape)} {q.dtype} ({e}); using XLA's")
+    return call("xla")
   # [B, H, T, S] layout: plain batched matmuls were the fastest form on CPU (STYLE.md figures).
   logits_BxHxTxS = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxSxHxK).astype(jnp.float32)
   logits_BxHxTxS = logits_BxHxTxS * scale

@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from farmer_jax.config_base import ConfigError
+
 
 class WorkdirError(RuntimeError):
   """A problem with the workdir that the user fixes (locked, full, read-only, damaged): main prints
@@ -365,6 +367,6 @@ def check_config(config: ml_collections.ConfigDict, run: RunDir, record: bool = 
         continue   # a field older workdirs did not record
       old, new = saved.get(section, {}).get(key), current[section].get(key)
       if old != new:
-        raise ValueError(
+        raise ConfigError(
             f"config.{section}.{key} = {new!r} but {run} was trained with {old!r}; use "
             f"the same config or a new --workdir")
