@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 
+import signals
 from configs import digits
 from farmer_jax import input_pipeline, rundir, train
 
@@ -31,34 +32,17 @@ def read_log(workdir) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-# The command line, in a process that sends itself SIGTERM when it draws training batch AT (only
-# where PREEMPT_AT is set): one host of the two is preempted mid-run.
-_DRIVER = """
-import os, signal, sys
-from absl import app
-from farmer_jax import input_pipeline, main
-AT = int(os.environ.get("PREEMPT_AT", -1))
-real = input_pipeline.train_iterator
-def signalling(*args, **kwargs):
-  for i, batch in enumerate(real(*args, **kwargs)):
-    if i == AT:
-      os.kill(os.getpid(), signal.SIGTERM)
-    yield batch
-input_pipeline.train_iterator = signalling
-sys.argv = ["farmer_jax.main"] + sys.argv[1:]
-app.run(main.main)
-"""
-
-
 def start_two_processes(multi, preempt_process=None):
   port = free_port()
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
              CUDA_VISIBLE_DEVICES="")
-  cmd = [sys.executable, "-c", _DRIVER, "--config=configs/digits.py:tiny",
+  cmd = [sys.executable, "-c", signals.DRIVER, "SIGTERM", "PREEMPT_AT",
+         "--config=configs/digits.py:tiny",
          f"--workdir={multi}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
          *(f"--config.{k}={v}" for k, v in OVERRIDES.items())]
-  return [subprocess.Popen(cmd + [f"--process_id={i}"], cwd=REPO, text=True,
-                           env=dict(env, PREEMPT_AT="1") if i == preempt_process else env,
+  # One host (preempt_process) gets SIGTERM while it draws batch 1; the other gets none.
+  return [subprocess.Popen([a if a != "PREEMPT_AT" else ("1" if i == preempt_process else "-1")
+                            for a in cmd] + [f"--process_id={i}"], cwd=REPO, text=True, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
 
 

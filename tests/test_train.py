@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import signals
+
 from configs import digits
 from farmer_jax import config_check, input_pipeline, metrics, modes, rundir, train
 
@@ -224,25 +226,6 @@ def test_unknown_config_field_is_rejected(tmp_path, section):
     config_check.validate(c)
 
 
-# Runs the command line in a process that sends itself `SIGNAL` while the training loop draws
-# batch `AT` (0-based), so the signal lands mid-run at a known step whatever the machine's speed.
-_SIGNAL_DRIVER = """
-import os, signal, sys
-from absl import app
-from farmer_jax import input_pipeline, main
-SIGNAL, AT = signal.{signal}, {at}
-real = input_pipeline.train_iterator
-def signalling(*args, **kwargs):
-  for i, batch in enumerate(real(*args, **kwargs)):
-    if i == AT:
-      os.kill(os.getpid(), SIGNAL)
-    yield batch
-input_pipeline.train_iterator = signalling
-sys.argv = ["farmer_jax.main"] + sys.argv[1:]
-app.run(main.main)
-"""
-
-
 def test_sigterm_saves_the_current_step_exits_0_and_the_rerun_matches(trained_workdir, tmp_path):
   """SIGTERM (a preemption) mid-run: a checkpoint of that step, exit 0 with a line saying so; the
   rerun resumes there and ends with the uninterrupted run's parameters."""
@@ -251,7 +234,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_the_rerun_matches(trained_wo
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
              " --xla_force_host_platform_device_count=8", TF_CPP_MIN_LOG_LEVEL="3",
              PYTHONPATH=REPO)
-  out = subprocess.run([sys.executable, "-c", _SIGNAL_DRIVER.format(signal="SIGTERM", at=6),
+  out = subprocess.run([sys.executable, "-c", signals.DRIVER, "SIGTERM", "6",
                         f"--config={REPO}/configs/digits.py:tiny", f"--workdir={workdir}"],
                        env=env, capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]
