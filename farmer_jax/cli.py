@@ -8,10 +8,9 @@ the source or meaning recorded in config_base.py's comments.
 """
 import ast
 import difflib
-import glob
 import importlib.util
 import inspect
-import os
+import pathlib
 import re
 import sys
 import textwrap
@@ -89,7 +88,7 @@ def load_config(spec: str) -> Any:
   """`path[:arg]` -> the file's get_config(arg), as the config flag loads it; raises what it
   raises (OSError for a missing file)."""
   path, sep, arg = spec.partition(":")
-  if not os.path.isfile(path):
+  if not pathlib.Path(path).is_file():
     raise FileNotFoundError(path)
   module_spec = importlib.util.spec_from_file_location(f"{PROG}_cli_config", path)
   module = importlib.util.module_from_spec(module_spec)
@@ -101,10 +100,11 @@ def _missing_file_message(flag: str, spec: str) -> str:
   path = spec.partition(":")[0]
   if not path:
     return f"--{flag}={spec}: no config file given (e.g. --{flag}=configs/digits.py:tiny)"
-  folder = os.path.dirname(path)
-  near = sorted(glob.glob(os.path.join(folder, "*.py"))) if folder else []
+  config_file = pathlib.Path(path)   # a local Python file, imported: never a workdir path
+  folder = config_file.parent
+  near = sorted(str(p) for p in folder.glob("*.py")) if str(folder) != "." else []
   hint = f" (there: {', '.join(near)})" if near and len(near) <= 12 else ""
-  where = f" from {os.getcwd()}" if not os.path.isabs(path) else ""
+  where = f" from {pathlib.Path.cwd()}" if not config_file.is_absolute() else ""
   return f"--{flag}={spec}: no such config file {path!r}{where}{hint}"
 
 

@@ -103,7 +103,8 @@ class SummaryWriter:
     self._flush_secs = flush_secs
     self._events: list[event_pb2.Event] = []
     self._last_flush = time.monotonic()
-    # The START event goes into the first file only; it marks where this session took over.
+    # The START event goes into the first file only: the step from which this run's events
+    # replace those a resumed-from run logged after its checkpoint.
     self._start_step = start_step + 1 if start_step and start_step > 0 else None
     self._host = socket.gethostname().replace("/", "_")
 

@@ -185,19 +185,10 @@ def check_uint8_images(images: np.ndarray, what: str) -> None:
                      f"{list(images.shape)}")
 
 
-def samples_step(path: str) -> int:
-  """The checkpoint step a samples npz came from: its `info` record (ours), else the digits of a
-  name ending in _<step>.npz, else 0."""
-  with np.load(_read(path)) as z:
-    if "info" in z.files:
-      return int(json.loads(str(z["info"])).get("step", 0))
-  match = re.search(r"_(\d+)\.npz$", path)
-  return int(match.group(1)) if match else 0
-
-
-def read_samples(path: str, num: int) -> tuple[np.ndarray, int]:
+def read_samples(path: str, num: int) -> tuple[np.ndarray, int, int]:
   """A samples npz: ours (images in native levels + num_levels) or ADM's (arr_0, 0..255).
-  -> (the first `num` images, num_levels)."""
+  -> (the first `num` images, num_levels, the checkpoint step they came from: ours record it in
+  `info`, else the digits of a name ending in _<step>.npz, else 0)."""
   if not epath.Path(path).exists():
     raise FileNotFoundError(f"config.fid.samples = {path!r} does not exist")
   with np.load(_read(path)) as z:
@@ -208,11 +199,15 @@ def read_samples(path: str, num: int) -> tuple[np.ndarray, int]:
     else:
       raise ValueError(f"config.fid.samples = {path!r} has neither images + num_levels (ours) "
                        f"nor arr_0 (ADM's format)")
+    step = int(json.loads(str(z["info"])).get("step", 0)) if "info" in z.files else None
+  if step is None:
+    match = re.search(r"_(\d+)\.npz$", path)
+    step = int(match.group(1)) if match else 0
   check_uint8_images(images, f"config.fid.samples = {path!r}")
   if len(images) < num:
     logging.warning("%s holds %d images, fewer than config.fid.num_samples = %d: using them all",
                     path, len(images), num)
-  return images, levels
+  return images, levels, step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,8 +272,8 @@ def _evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
             **sample.npz_arrays(images, labels, num_levels, info)))
         logging.info("wrote %s", samples_npz)
     else:
-      images, num_levels = read_samples(fid.samples, fid.num_samples)
-      step, samples_npz = samples_step(fid.samples), fid.samples
+      images, num_levels, step = read_samples(fid.samples, fid.num_samples)
+      samples_npz = fid.samples
     seconds["sampling"] = time.perf_counter() - t
 
     t = time.perf_counter()

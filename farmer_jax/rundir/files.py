@@ -142,7 +142,7 @@ def write_bytes(path, data: bytes, tmp_name: str | None = None) -> epath.Path:
   if jax.process_index() != 0:
     return path
   tmp = path.parent / (tmp_name or f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-  existed = path.exists()
+  existed = _created is None or path.exists()   # the extra stat only while a run is tracked
   try:
     mkdirs(path.parent)
     tmp.write_bytes(data)
@@ -234,9 +234,9 @@ def append_jsonl(path, record: dict, key: tuple[str, ...] | None = None) -> bool
   path = epath.Path(path)
   if key is None and not is_remote(path):
     try:
-      existed = path.exists()
+      existed = _created is None or path.exists()
       mkdirs(path.parent)
-      with open(os.fspath(path), "a") as f:   # noqa: PTH123 (a local append; remote is below)
+      with path.open("a") as f:   # a local file appends; an object store is rewritten below
         f.write(dumps(record) + "\n")
     except OSError as e:
       raise write_error(path, e) from e
