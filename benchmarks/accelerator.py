@@ -2,7 +2,7 @@ r"""One process, whatever backend JAX finds: train-step speed, TFLOP/s and MFU p
 implementation, sampling time per image, train-step memory against --mode=plan, Inception throughput.
 
     python benchmarks/accelerator.py [--config=configs/imagenet256_1p1b.py] [--patches=16,8] \
-        [--attention=einsum,dot_product] [--batches=64,32,16,8,4,2,1] [--depth=0] [--steps=5] \
+        [--attention=einsum,dot_product,splash] [--batches=64,32,16,8,4,2,1] [--depth=0] [--steps=5] \
         [--sample_batches=16,256] [--inception_batch=256] [--out=FILE]
     python benchmarks/accelerator.py --smoke     # seconds on CPU: the digits tiny model
 
@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from farmer_jax import metrics, sample, sharding, train  # noqa: E402
 from farmer_jax.evaluation import fid_mode, weights  # noqa: E402
-from farmer_jax.models import farmer  # noqa: E402
+from farmer_jax.models import farmer, layers  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -175,7 +175,9 @@ def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", default="configs/imagenet256_1p1b.py")
   ap.add_argument("--patches", default="16,8")
-  ap.add_argument("--attention", default="einsum,dot_product")
+  ap.add_argument("--attention", default=None,
+                  help="implementations side by side (default: einsum and what auto picks here: "
+                       "dot_product on GPU, splash on TPU)")
   ap.add_argument("--batches", default="64,32,16,8,4,2,1")
   ap.add_argument("--depth", type=int, default=0)
   ap.add_argument("--dtype", default="bfloat16")
@@ -193,6 +195,9 @@ def main(argv=None) -> dict:
     args.config, args.patches, args.batches = "configs/digits.py", "tiny", "4,2"
     args.sample_batches, args.steps, args.reps = "4", 2, 1
     args.inception_batch, args.inception_resize = 8, 75
+  if args.attention is None:
+    args.attention = ",".join(dict.fromkeys(("einsum", layers.resolve_attention("auto"),
+                                             "dot_product")))
   dev = jax.devices()[0]
   result = {"backend": jax.default_backend(), "device_kind": dev.device_kind,
             "num_devices": jax.device_count(), "jax": jax.__version__,

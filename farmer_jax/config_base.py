@@ -75,9 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
       final_permutation=True,    # paper: prior reads opposite to the last AF block (44.56)
       scale_floor=1e-6,          # ours: squareplus floor, SPEC sec. 3
       dtype="float32",           # compute dtype; flow math is float32 regardless
-      attention="einsum",        # ours: einsum | dot_product (cuDNN's fused kernel on GPU where it
-                                 # serves, else XLA's) | auto (dot_product on GPU / TPU, einsum on
-                                 # CPU); a kernel, not a model
+      attention="einsum",        # ours: einsum (the reference; CPU) | dot_product (cuDNN's fused
+                                 # kernel on GPU where it serves, else XLA's) | splash (TPU's Pallas
+                                 # kernel) | auto (einsum on CPU, dot_product on GPU, splash on
+                                 # TPU); a kernel, not a model (models/layers.py)
       scan_layers=False,         # ours: nn.scan over layers (stacked params; fast compiles at depth)
       remat="none",              # ours: none | full | dots | dots_no_batch (layers.REMAT_POLICIES)
   )
@@ -247,7 +248,7 @@ def imagenet256_config(patch: int) -> ml_collections.ConfigDict:
                 num_classes=1000, hflip=True, eval_split="validation")
   c.model.update(patch_size=patch, d_informative=IMAGENET256_D_INFORMATIVE[patch],
                  dtype="bfloat16",        # ours: bf16 compute, float32 params and flow math
-                 attention="auto")        # cuDNN's fused attention on GPU
+                 attention="auto")        # cuDNN's fused attention on GPU, splash on TPU
   # Paper: 320 epochs of 1,281,167 images. Batch size is not given (ours: 256).
   c.train.update(batch_size=256, num_steps=320 * 1_281_167 // 256, checkpoint_every=5000)
   # Distillation (--config.phase=distill): paper 60 extra epochs.

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from farmer_jax import config_check, metrics, sharding, train
-from farmer_jax.models import farmer
+from farmer_jax.models import farmer, layers
 
 GIB = 1024 ** 3
 
@@ -74,14 +74,18 @@ def memory_of_train_step(config: ml_collections.ConfigDict, devices) -> dict:
   start = time.perf_counter()
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(trainer.mesh))
-  with jax.set_mesh(trainer.mesh):
+  # The attention kernel (`auto`, splash) is the one of the devices compiled for, not this host's.
+  with jax.set_mesh(trainer.mesh), layers.compiling_for(devices[0].platform):
     lowered = trainer.train_step.lower(trainer.abstract_state,
                                        trainer.abstract_batch(config.train.batch_size), key)
     compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   logging.info("compiled in %.1f s", compile_s)
   mem = compiled.memory_analysis()
+  with layers.compiling_for(devices[0].platform):
+    attention = layers.resolve_attention(config.model.attention)
   out = {"mesh": dict(trainer.mesh.shape), "device_kind": devices[0].device_kind,
+         "attention": attention,
          "num_devices": len(devices), "compile_s": round(compile_s, 1)}
   if mem is not None:
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes

@@ -1,17 +1,22 @@
-"""Attention implementations (`model.attention`): `dot_product` (XLA's implementation on CPU)
-computes what `einsum` (the reference) computes, in the layer (forward and gradients; causal,
-bidirectional, KV-cached; float32 and bfloat16) and in the whole model (loss, KV-cached sampler);
-`auto` is `einsum` on CPU; and a change of implementation is not a model change."""
+"""Attention implementations (`model.attention`): `dot_product` (XLA's implementation on CPU) and
+`splash` (the TPU kernel in Pallas' interpreter, and its fallback) compute what `einsum` (the
+reference) computes, in the layer (forward and gradients; causal, bidirectional, KV-cached; float32
+and bfloat16), sharded over a mesh, and in the whole model (loss, KV-cached sampler); the einsum's
+blocked causal pass equals the dense square; `auto` follows the platform compiled for; and a
+change of implementation is not a model change."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import digits
-from farmer_jax import config_check, rundir, sample
+from farmer_jax import config_base, config_check, rundir, sample, sharding
 from farmer_jax.models import farmer, layers
 
-CPU_IMPLEMENTATIONS = ("dot_product", "auto")
+# splash at these lengths is its dot_product fallback; its kernel is tested at 128 / 256 below.
+CPU_IMPLEMENTATIONS = ("dot_product", "splash", "auto")
 
 
 def attention(impl, causal=True):
@@ -49,7 +54,7 @@ def test_kv_cached_decoding_equals_einsum_and_the_full_pass(impl):
   layer = attention("einsum")
   params = layer.init(jax.random.key(3), x)["params"]
   full, _ = layer.apply({"params": params}, x)
-  zeros = jnp.zeros((2, 10, 4, 16))
+  zeros = jnp.zeros((2, 4, 10, 16))
   for name, sizes in (("einsum", (1, 3, 6)), (impl, (1, 3, 6)), (impl, (10,))):
     cache, outs, index = (zeros, zeros), [], 0
     for size in sizes:
@@ -74,7 +79,69 @@ def test_bfloat16_dot_product_agrees_with_einsum_to_bfloat16_precision():
   assert float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))) < 0.1
 
 
-def test_auto_is_einsum_on_cpu_and_bad_names_are_refused():
+def qkv(seed, shape):
+  return [jax.random.normal(k, shape) for k in jax.random.split(jax.random.key(seed), 3)]
+
+
+@pytest.mark.parametrize("causal,length", [(True, 256), (False, 256), (True, 150)])
+def test_splash_kernel_forward_and_gradients_equal_einsum(causal, length):
+  """The Pallas kernel itself (interpreted on CPU) at 256 tokens: two blocks of 128; a causal 150
+  is padded to 256 at the end."""
+  q, k, v = qkv(10, (2, 2, length, 64))
+  pos = jnp.arange(length)
+
+  def loss(q, k, v, impl):
+    out = layers.attend(q, k, v, pos, causal, impl, jnp.float32)
+    return jnp.sum(jnp.sin(out)), out
+
+  grad = lambda impl: jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v, impl)
+  (ref, out_ref), grads_ref = grad("einsum")
+  (got, out_got), grads_got = grad("splash")
+  np.testing.assert_allclose(out_got, out_ref, atol=1e-5)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  for a, b in zip(grads_got, grads_ref):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+  if causal:   # the first query block does not see the second key block
+    moved = layers.attend(q, k.at[:, :, 140].add(3.0), v, pos, True, "splash", jnp.float32)
+    np.testing.assert_allclose(moved[:, :, :128], out_got[:, :, :128], atol=1e-6)
+    assert float(jnp.max(jnp.abs(moved[:, :, 140:] - out_got[:, :, 140:]))) > 1e-3
+
+
+def test_blocked_causal_einsum_equals_the_dense_square():
+  """Query blocks against only their visible keys (a ragged last block: 150 = 2 x 64 + 22)."""
+  q, k, v = qkv(11, (2, 3, 150, 16))
+  pos = jnp.arange(150)
+  dense = lambda q, k, v: layers._dense_core(q * 0.25, k, v, pos, True, jnp.float32)
+  blocked = lambda q, k, v: layers.attend(q, k, v, pos, True, "einsum", jnp.float32)
+  np.testing.assert_allclose(blocked(q, k, v), dense(q, k, v), atol=1e-6)
+  g_ref = jax.grad(lambda *a: jnp.sum(jnp.sin(dense(*a))), argnums=(0, 1, 2))(q, k, v)
+  g_got = jax.grad(lambda *a: jnp.sum(jnp.sin(blocked(*a))), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_got, g_ref):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_splash_runs_per_shard_under_a_mesh():
+  """Batch over data x fsdp, heads over tensor (the default rules): each device's kernel sees its
+  own [b, h] block, and the result is the unsharded einsum's."""
+  mesh, rules = sharding.mesh_and_rules(ml_collections.ConfigDict(
+      {"mesh": {"data": 2, "fsdp": 2, "tensor": 2}, "rules": config_base.DEFAULT_RULES}))
+  q, k, v = qkv(12, (4, 4, 128, 32))
+  pos = jnp.arange(128)
+  ref = layers.attend(q, k, v, pos, True, "einsum", jnp.float32)
+  spec = sharding.logical_sharding(mesh, rules, (layers.ACT_BATCH, layers.ACT_HEADS))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    args = [jax.device_put(a, spec) for a in (q, k, v)]
+    fn = jax.jit(lambda q, k, v: layers.attend(q, k, v, pos, True, "splash", jnp.float32))
+    got = fn(*args)
+    assert "shard_map" in str(fn.trace(*args).jaxpr)
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_auto_follows_the_platform_and_bad_names_are_refused():
+  assert layers.resolve_attention("auto") == "einsum"
+  for platform, impl in (("gpu", "dot_product"), ("tpu", "splash"), ("cpu", "einsum")):
+    with layers.compiling_for(platform):
+      assert layers.resolve_attention("auto") == impl
   assert layers.resolve_attention("auto") == "einsum"
   c = digits.get_config("tiny")
   c.model.attention = "flash"
@@ -103,3 +170,27 @@ def test_the_model_loss_and_sampler_are_the_same_under_each(impl, tmp_path):
   run = rundir.RunDir(tmp_path)
   rundir.check_config(digits.get_config("tiny"), run)
   rundir.check_config(c, run, record=False)
+
+
+def test_the_model_loss_through_the_splash_kernel():
+  """At 32x32 in patches of 2 the AF's causal pass (start token, 256 tokens) runs the kernel, and
+  so does the prior's (2 class tokens + 256, padded to 384). The loss and its gradients are
+  einsum's."""
+  c = digits.get_config("tiny")
+  c.data.image_size = 32
+  images = jax.random.uniform(jax.random.key(13), (2, 32, 32, 1), minval=-1.0, maxval=1.0)
+  labels = jnp.array([3, 7])
+  ref_model = farmer.Farmer(config_check.validate(c))
+  params = ref_model.init({"params": jax.random.key(14), "dropout": jax.random.key(15)}, images,
+                          labels)["params"]
+  params = jax.tree.map(lambda p: p + 0.02 * jnp.sin(jnp.arange(p.size).reshape(p.shape)),
+                        params)
+  c.model.attention = "splash"
+  model = farmer.Farmer(config_check.validate(c))
+  nll = lambda p, m: jnp.mean(m.apply({"params": p}, images, labels)["nll"])
+  ref, g_ref = jax.value_and_grad(nll)(params, ref_model)
+  got, g_got = jax.value_and_grad(nll)(params, model)
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3), g_got, g_ref)
+  jaxpr = str(jax.make_jaxpr(lambda p: nll(p, model))(params))
+  assert "pallas_call" in jaxpr

@@ -8,6 +8,8 @@ Sharding: every parameter and the main activations carry logical axis names (bel
 `sharding.rules` table maps them to mesh axes (farmer_jax/sharding.py). Model code never names a
 mesh axis. Outside a mesh, or without rules in context, the annotations do nothing.
 """
+import contextlib
+import math
 from typing import Any, Callable
 
 from absl import logging
@@ -43,27 +45,56 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 # Attention implementations (`model.attention`): a choice of kernel, not of model (the parameters
 # and the function are the same, so a workdir trained with one evaluates and resumes with another).
-#   einsum       [B, H, T, S] logits by batched matmuls, softmax in float32: the reference, and
-#                the fastest form on CPU.
+#   einsum       batched matmuls in the [B, H, T, K] layout, softmax in float32: the reference, and
+#                the fastest form on CPU. A full causal pass runs query blocks of CAUSAL_BLOCK
+#                against only the keys at or before them, skipping the blocks the mask zeroes.
 #   dot_product  jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU where it serves the
 #                case (bfloat16 / float16, head dim a multiple of 8 up to 128, a full causal or
 #                unmasked pass; not decoding against a KV cache), XLA's own implementation
 #                otherwise (the fallback is chosen while tracing and logged once).
-#   auto         dot_product on GPU and TPU, einsum on CPU (by the backend this process runs on).
-ATTENTION = ("einsum", "dot_product", "auto")
+#   splash       the Pallas splash-attention kernel for TPU that ships with JAX: a full causal pass
+#                (padded at the end to a multiple of SPLASH_BLOCK) or an unmasked one whose length
+#                is such a multiple, run per shard of the batch and heads (shard_map over the mesh
+#                in context). Other cases (decoding against a cache, unmasked odd lengths) take
+#                dot_product's XLA path, logged once. Off TPU the kernel runs in Pallas'
+#                interpreter: correct and slow (for tests).
+#   auto         einsum on CPU, dot_product on GPU, splash on TPU: by the platform being compiled
+#                for (this process's backend, or `compiling_for`'s).
+ATTENTION = ("einsum", "dot_product", "splash", "auto")
+_AUTO = {"cpu": "einsum", "gpu": "dot_product", "tpu": "splash"}
+CAUSAL_BLOCK = 64     # query block of the einsum causal pass (see benchmarks/attention_cpu.py)
+SPLASH_BLOCK = 128    # splash's query and key block: TPU tiles of 128 lanes
+
+_compile_target: list[str] = []
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Models traced inside pick `auto` and splash's mode for `platform` ("cpu" | "gpu" | "tpu")
+  rather than for this process's backend: ahead-of-time compiles for other machines (--mode=plan
+  for a TPU slice from a CPU host)."""
+  _compile_target.append(platform)
+  try:
+    yield
+  finally:
+    _compile_target.pop()
+
+
+def target_platform() -> str:
+  return _compile_target[-1] if _compile_target else jax.default_backend()
 
 
 def resolve_attention(name: str) -> str:
-  """The implementation `name` stands for on the backend this process runs on."""
+  """The implementation `name` stands for on the platform being compiled for."""
   if name not in ATTENTION:
     raise ValueError(f"config.model.attention = {name!r}: must be one of {ATTENTION}")
   if name == "auto":
-    return "einsum" if jax.default_backend() == "cpu" else "dot_product"
+    return _AUTO.get(target_platform(), "dot_product")
   return name
 
 
 def _cudnn_serves(dtype, head_dim: int, unmasked_or_causal: bool) -> bool:
-  return (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+  return (target_platform() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
           and head_dim % 8 == 0 and head_dim <= 128 and unmasked_or_causal)
 
 
@@ -76,37 +107,114 @@ def _log_fallback(message: str) -> None:
     logging.warning(message)
 
 
-def attend(q_BxTxHxK: jax.Array, k_BxSxHxK: jax.Array, v_BxSxHxK: jax.Array, q_pos_T: jax.Array,
-           masked: bool, implementation: str, dtype: Dtype) -> jax.Array:
-  """softmax(q k^T / sqrt(K), keys at positions <= each query's when `masked`) v -> [B, T, H, K].
-
-  Query t sits at position q_pos_T[t]; keys at 0 .. S-1. Logits and softmax are float32, the
-  products run in `dtype`."""
-  scale = q_BxTxHxK.shape[-1] ** -0.5
-  t, s = q_BxTxHxK.shape[1], k_BxSxHxK.shape[1]
-  if resolve_attention(implementation) == "dot_product":
-    # T == S: the full pass (a cache is then written whole at index 0), JAX's own causal mask.
-    causal_square = masked and t == s
-    mask = None
-    if masked and not causal_square:
-      mask = (jnp.arange(s)[None, :] <= q_pos_T[:, None])[None, None]   # [1, 1, T, S]
-    q, k, v = (a.astype(dtype) for a in (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK))
-    call = lambda impl: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal_square,
-                                                     scale=scale, implementation=impl)
-    if _cudnn_serves(q.dtype, q.shape[-1], mask is None):
-      try:
-        return call("cudnn")
-      except (ValueError, NotImplementedError, RuntimeError) as e:
-        _log_fallback(f"cuDNN attention refused {tuple(q.shape)} {q.dtype} ({e}); using XLA's")
-    return call("xla")
-  # [B, H, T, S] layout: plain batched matmuls were the fastest form on CPU (STYLE.md figures).
-  logits_BxHxTxS = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxSxHxK).astype(jnp.float32)
-  logits_BxHxTxS = logits_BxHxTxS * scale
+def _dense_core(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos_T, masked: bool, dtype) -> jax.Array:
+  """Every query against every key, positions above each query's masked -> [B, H, T, K]."""
+  logits_BxHxTxS = jnp.einsum("bhqk,bhsk->bhqs", q_BxHxTxK, k_BxHxSxK).astype(jnp.float32)
   if masked:
-    mask_TxS = jnp.arange(s)[None, :] <= q_pos_T[:, None]
+    mask_TxS = jnp.arange(k_BxHxSxK.shape[2])[None, :] <= q_pos_T[:, None]
     logits_BxHxTxS = jnp.where(mask_TxS, logits_BxHxTxS, jnp.finfo(jnp.float32).min)
   probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(dtype)
-  return jnp.einsum("bhqs,bshk->bqhk", probs_BxHxTxS, v_BxSxHxK.astype(dtype))
+  return jnp.einsum("bhqs,bhsk->bhqk", probs_BxHxTxS, v_BxHxSxK.astype(dtype))
+
+
+def _einsum(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos_T, masked: bool, dtype) -> jax.Array:
+  t, s = q_BxHxTxK.shape[2], k_BxHxSxK.shape[2]
+  if not (masked and t == s and t > CAUSAL_BLOCK):
+    return _dense_core(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos_T, masked, dtype)
+  # A full causal pass (queries at 0 .. T-1): the block of queries lo .. hi-1 sees keys 0 .. hi-1
+  # only, about half the products of the square at 256 tokens and more beyond.
+  outs = []
+  for lo in range(0, t, CAUSAL_BLOCK):
+    hi = min(lo + CAUSAL_BLOCK, t)
+    outs.append(_dense_core(q_BxHxTxK[:, :, lo:hi], k_BxHxSxK[:, :, :hi], v_BxHxSxK[:, :, :hi],
+                            q_pos_T[lo:hi], True, dtype))
+  return jnp.concatenate(outs, axis=2)
+
+
+def _dot_product(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos_T, masked: bool, dtype,
+                 allow_cudnn: bool = True) -> jax.Array:
+  t, s = q_BxHxTxK.shape[2], k_BxHxSxK.shape[2]
+  # T == S: the full pass (a cache is then written whole at index 0), JAX's own causal mask.
+  causal_square = masked and t == s
+  mask = None
+  if masked and not causal_square:
+    mask = (jnp.arange(s)[None, :] <= q_pos_T[:, None])[None, None]   # [1, 1, T, S]
+  # jax.nn.dot_product_attention takes [B, T, H, K].
+  q, k, v = (jnp.swapaxes(a, 1, 2).astype(dtype) for a in (q_BxHxTxK, k_BxHxSxK, v_BxHxSxK))
+  call = lambda impl: jax.nn.dot_product_attention(
+      q, k, v, mask=mask, is_causal=causal_square, scale=1.0, implementation=impl)
+  if allow_cudnn and _cudnn_serves(q.dtype, q.shape[-1], mask is None):
+    try:
+      return jnp.swapaxes(call("cudnn"), 1, 2)
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+      _log_fallback(f"cuDNN attention refused {tuple(q.shape)} {q.dtype} ({e}); using XLA's")
+  return jnp.swapaxes(call("xla"), 1, 2)
+
+
+def _mesh_spec(names, shape, mesh) -> jax.sharding.PartitionSpec:
+  """The logical axes' mesh axes under the rules in context, dropping any that do not divide."""
+  spec = nn.logical_to_mesh_axes(tuple(names))
+  size = lambda a: math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
+  return jax.sharding.PartitionSpec(
+      *(a if a is not None and d % size(a) == 0 else None for a, d in zip(spec, shape)))
+
+
+def _splash(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK, causal: bool, dtype) -> jax.Array:
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask
+  interpret = target_platform() != "tpu"
+  if interpret:
+    _log_fallback("splash attention off TPU: running the kernel in Pallas' interpreter (slow)")
+
+  def per_shard(q, k, v):   # this shard's [b, h, T, K]
+    length, heads = q.shape[2], q.shape[1]
+    one = (splash_attention_mask.CausalMask if causal else splash_attention_mask.FullMask)(
+        (length, length))
+    b = SPLASH_BLOCK
+    kernel = splash_attention_kernel.make_splash_mha(
+        splash_attention_mask.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1,
+        block_sizes=splash_attention_kernel.BlockSizes(
+            block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+            block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b),
+        interpret=interpret)
+    return jax.vmap(kernel)(q, k, v)
+
+  q, k, v = (a.astype(dtype) for a in (q_BxHxTxK, k_BxHxTxK, v_BxHxTxK))
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return per_shard(q, k, v)
+  # A Pallas kernel is not partitioned by XLA: each device runs it on its own batch and heads.
+  spec = _mesh_spec((ACT_BATCH, ACT_HEADS, None, None), q.shape, mesh)
+  return jax.shard_map(per_shard, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
+
+
+def attend(q_BxHxTxK: jax.Array, k_BxHxSxK: jax.Array, v_BxHxSxK: jax.Array, q_pos_T: jax.Array,
+           masked: bool, implementation: str, dtype: Dtype) -> jax.Array:
+  """softmax(q k^T / sqrt(K), keys at positions <= each query's when `masked`) v -> [B, H, T, K].
+
+  Query t sits at position q_pos_T[t]; keys at 0 .. S-1. Logits and softmax are float32 (inside
+  the fused kernels, their own accumulation), the products run in `dtype`."""
+  q_BxHxTxK = q_BxHxTxK * q_BxHxTxK.shape[-1] ** -0.5
+  t, s = q_BxHxTxK.shape[2], k_BxHxSxK.shape[2]
+  impl = resolve_attention(implementation)
+  if impl == "splash":
+    if t == s and masked:
+      # Causal: keys appended at the end are never seen by the real queries, so a length short of
+      # a multiple of SPLASH_BLOCK (the prior's class tokens + N) is padded there and cut after.
+      pad = [(0, 0), (0, 0), (0, -t % SPLASH_BLOCK), (0, 0)]
+      padded = [jnp.pad(a, pad) for a in (q_BxHxTxK, k_BxHxSxK, v_BxHxSxK)]
+      return _splash(*padded, True, dtype)[:, :, :t]
+    if t == s and t % SPLASH_BLOCK == 0:
+      return _splash(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, False, dtype)
+    _log_fallback(f"splash attention serves full causal passes, and unmasked ones of a multiple "
+                  f"of {SPLASH_BLOCK} tokens; {t} queries against {s} keys"
+                  f"{'' if masked else ' (unmasked)'} take dot_product's XLA path")
+    return _dot_product(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos_T, masked, dtype,
+                        allow_cudnn=False)
+  if impl == "dot_product":
+    return _dot_product(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos_T, masked, dtype)
+  return _einsum(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos_T, masked, dtype)
 
 
 def constrain(x: jax.Array, *names) -> jax.Array:
@@ -135,7 +243,8 @@ def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
 class Attention(nn.Module):
   """Multi-head self-attention, causal or bidirectional, with an optional KV cache.
 
-  Without a cache, x [B, N, W] attends within itself. With `cache = (k, v)` ([B, L, H, K], the full
+  Q, K and V come from one fused projection, written in the [B, H, T, K] layout the products take.
+  Without a cache, x [B, N, W] attends within itself. With `cache = (k, v)` ([B, H, L, K], the full
   preallocated length L) and `index`, x [B, T, W] holds positions index .. index+T-1: their keys and
   values are written into the cache in place (dynamic_update_slice, no growth) and the queries attend
   causally to positions <= their own. Returns (out [B, T, W], new cache or None).
@@ -151,33 +260,33 @@ class Attention(nn.Module):
     if self.width % self.head_dim:
       raise ValueError(f"width {self.width} is not a multiple of head_dim {self.head_dim}")
     heads = self.width // self.head_dim
-    w_in = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
-
-    def project(name):
-      kernel = self.param(name, param_init(w_in, EMBED, HEADS, HEAD_DIM),
-                          (self.width, heads, self.head_dim))
-      bias = self.param(f"{name}_bias", param_init(nn.initializers.zeros, HEADS, HEAD_DIM),
-                        (heads, self.head_dim))
-      y = jnp.einsum("btw,whk->bthk", x_BxTxW.astype(self.dtype), kernel.astype(self.dtype))
-      return constrain(y + bias.astype(self.dtype), ACT_BATCH, ACT_SEQ, ACT_HEADS, None)
-
-    q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = project("query"), project("key"), project("value")
+    # [W, 3 (q, k, v), H, K]: fan-in W for each of the three, as three separate projections.
+    w_in = nn.initializers.lecun_normal(in_axis=0, out_axis=(2, 3), batch_axis=(1,))
+    kernel = self.param("qkv", param_init(w_in, EMBED, None, HEADS, HEAD_DIM),
+                        (self.width, 3, heads, self.head_dim))
+    bias = self.param("qkv_bias", param_init(nn.initializers.zeros, None, HEADS, HEAD_DIM),
+                      (3, heads, self.head_dim))
+    qkv_3xBxHxTxK = jnp.einsum("btw,wchk->cbhtk", x_BxTxW.astype(self.dtype),
+                               kernel.astype(self.dtype))
+    qkv_3xBxHxTxK = qkv_3xBxHxTxK + bias.astype(self.dtype)[:, None, :, None, :]
+    qkv_3xBxHxTxK = constrain(qkv_3xBxHxTxK, None, ACT_BATCH, ACT_HEADS, ACT_SEQ, None)
+    q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = qkv_3xBxHxTxK[0], qkv_3xBxHxTxK[1], qkv_3xBxHxTxK[2]
     t = x_BxTxW.shape[1]
     q_pos = jnp.arange(t)
     if cache is not None:
-      k_BxSxHxK = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BxSxHxK.astype(cache[0].dtype),
-                                                      index, axis=1)
-      v_BxSxHxK = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BxSxHxK.astype(cache[1].dtype),
-                                                      index, axis=1)
-      cache = (k_BxSxHxK, v_BxSxHxK)
+      k_BxHxSxK = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BxHxSxK.astype(cache[0].dtype),
+                                                      index, axis=2)
+      v_BxHxSxK = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BxHxSxK.astype(cache[1].dtype),
+                                                      index, axis=2)
+      cache = (k_BxHxSxK, v_BxHxSxK)
       q_pos = q_pos + index
-    out_BxTxHxK = attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, q_pos, self.causal or cache is not None,
+    out_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos, self.causal or cache is not None,
                          self.attention, self.dtype)
     w_out = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
     kernel = self.param("out", param_init(w_out, HEADS, HEAD_DIM, EMBED),
                         (heads, self.head_dim, self.width))
     bias = self.param("out_bias", param_init(nn.initializers.zeros, EMBED), (self.width,))
-    out = jnp.einsum("bthk,hkw->btw", out_BxTxHxK, kernel.astype(self.dtype))
+    out = jnp.einsum("bhtk,hkw->btw", out_BxHxTxK.astype(self.dtype), kernel.astype(self.dtype))
     return out + bias.astype(self.dtype), cache
 
 
@@ -234,9 +343,9 @@ class Transformer(nn.Module):
   attention: str = "einsum"     # ATTENTION
 
   def init_cache(self, batch: int, length: int, dtype: Dtype | None = None):
-    """Zero keys and values for every layer, each [B, length, H, K]: a list of (k, v) per layer,
-    or one stacked (k, v) [depth, B, length, H, K] when the layers are scanned."""
-    shape = (batch, length, self.width // self.head_dim, self.head_dim)
+    """Zero keys and values for every layer, each [B, H, length, K]: a list of (k, v) per layer,
+    or one stacked (k, v) [depth, B, H, length, K] when the layers are scanned."""
+    shape = (batch, self.width // self.head_dim, length, self.head_dim)
     dtype = dtype or self.dtype
     if self.scan_layers:
       stacked = (self.depth,) + shape
