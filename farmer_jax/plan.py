@@ -58,7 +58,9 @@ def tpu_devices(topology: str):
 
 def memory_of_train_step(config: ml_collections.ConfigDict, devices) -> dict:
   """Compiles the train step for `devices` (abstract shapes only) and reads its memory analysis."""
-  trainer = train.Trainer(config, devices=devices)
+  # The attention kernel (`auto`, splash) is the one of the devices compiled for, not this host's.
+  with layers.compiling_for(devices[0].platform):
+    trainer = train.Trainer(config, devices=devices)
   t, mesh = config.train, trainer.mesh
   shards = sharding.batch_shards(mesh, trainer.rules)
   micro = t.batch_size // t.grad_accum_steps
@@ -74,19 +76,27 @@ def memory_of_train_step(config: ml_collections.ConfigDict, devices) -> dict:
   start = time.perf_counter()
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(trainer.mesh))
-  # The attention kernel (`auto`, splash) is the one of the devices compiled for, not this host's.
-  with jax.set_mesh(trainer.mesh), layers.compiling_for(devices[0].platform):
-    lowered = trainer.train_step.lower(trainer.abstract_state,
-                                       trainer.abstract_batch(config.train.batch_size), key)
-    compiled = lowered.compile()
-  compile_s = time.perf_counter() - start
-  logging.info("compiled in %.1f s", compile_s)
-  mem = compiled.memory_analysis()
   with layers.compiling_for(devices[0].platform):
     attention = layers.resolve_attention(config.model.attention)
   out = {"mesh": dict(trainer.mesh.shape), "device_kind": devices[0].device_kind,
-         "attention": attention,
-         "num_devices": len(devices), "compile_s": round(compile_s, 1)}
+         "attention": attention, "num_devices": len(devices)}
+  with jax.set_mesh(trainer.mesh), layers.compiling_for(devices[0].platform):
+    lowered = trainer.train_step.lower(trainer.abstract_state,
+                                       trainer.abstract_batch(config.train.batch_size), key)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # The TPU compiler refuses a step that does not fit its HBM: that is the plan's answer.
+      logging.warning("the train step does not fit one device: %s", e)
+      out.update(fits=False, compile_error=str(e).strip().splitlines()[0],
+                 compile_s=round(time.perf_counter() - start, 1))
+      return out
+  compile_s = time.perf_counter() - start
+  logging.info("compiled in %.1f s", compile_s)
+  mem = compiled.memory_analysis()
+  out["compile_s"] = round(compile_s, 1)
   if mem is not None:
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes

@@ -57,3 +57,23 @@ def test_plan_compiles_the_sharded_step_and_its_flops_agree_with_xla():
   xla_total = mem["xla_flops_per_device"] * 8
   assert 0.8 < result["train_flops_per_step"] / xla_total < 1.2
   assert result["ideal_step_s"] == pytest.approx(result["train_flops_per_step"] / (8 * 989e12))
+
+
+def test_plan_reports_a_step_the_compiler_refuses_for_memory(monkeypatch):
+  """The TPU compiler refuses a step larger than its HBM (RESOURCE_EXHAUSTED): the plan says it
+  does not fit, with the compiler's line, instead of failing. Other compile errors still raise."""
+  c = importlib.import_module("configs.digits").get_config("tiny")
+  message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+             "temporaries (96.61G) exceeds available HBM (95.74G).")
+
+  def refuse(self, *args, **kwargs):
+    raise jax.errors.JaxRuntimeError(message)
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
+  mem = plan.plan(c, devices=jax.devices()[:1])["memory"]
+  assert mem["fits"] is False and mem["compile_error"] == message
+  assert mem["attention"] == "einsum" and "peak_gib" not in mem
+  monkeypatch.setattr(jax.stages.Lowered, "compile", lambda *a, **k: (_ for _ in ()).throw(
+      jax.errors.JaxRuntimeError("INTERNAL: something else")))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    plan.plan(c, devices=jax.devices()[:1])
