@@ -235,6 +235,14 @@ class Farmer(nn.Module):
     x_BxNxD = self.flow.inverse(z_BxNxD, labels_B, recompute)
     return unpatchify(x_BxNxD, c.patch_size, c.image_size, c.channels)
 
+  def decode_parallel(self, z_BxNxD: jax.Array, labels_B: jax.Array, spec: flow.ParallelInverse,
+                      student_guess=None) -> tuple[jax.Array, jax.Array]:
+    """`decode` by (Gauss-Seidel-)Jacobi (`Flow.inverse_parallel`) -> (images [B, H, W, C], not
+    clipped; passes per AF block int32 [n], block 0 first)."""
+    c = self.config
+    x_BxNxD, passes_n = self.flow.inverse_parallel(z_BxNxD, labels_B, spec, student_guess)
+    return unpatchify(x_BxNxD, c.patch_size, c.image_size, c.channels), passes_n
+
   def sample(self, key: jax.Array, labels_B: jax.Array,
              sampler: prior.SamplerConfig = prior.SamplerConfig(),
              recompute: bool = False) -> jax.Array:

@@ -17,8 +17,17 @@ teacher block with the same parameters. `student_inverse` reads z (all of it: bi
 attention) through the teacher's input layout and inverts in one parallel pass with the teacher's
 affine form, x = z * exp(a(z)) + mu(z). The exact inverse has this form with mu, a functions of
 z_<i, so a student initialised from the teacher starts close to it and needs no new parameters.
+
+Parallel inverse (`inverse_parallel`, docs/jacobi.md): a block's inverse is the triangular
+fixed-point system x = z * exp(a(x)) + mu(x) in which position i's right side reads only x_<i.
+Jacobi iteration updates every position at once from the previous iterate, one causal pass per
+iteration: after k passes positions < k are exact whatever the start, so N passes give the
+sequential inverse, and a good start stops far earlier on a tolerance. Gauss-Seidel-Jacobi cuts
+the positions into segments solved in order, each by Jacobi, the segments before it fixed and
+held in the KV cache.
 """
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -39,6 +48,34 @@ def block_flips(t: int) -> bool:
 
 def last_block_flips(num_blocks: int) -> bool:
   return num_blocks > 0 and block_flips(num_blocks - 1)
+
+
+INVERSES = ("sequential", "jacobi", "gs_jacobi")   # sample.inverse
+JACOBI_INITS = ("z", "previous", "student")         # sample.jacobi_init
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelInverse:
+  """How `Flow.inverse_parallel` solves every block (hashable: part of the sampler's jit key).
+
+  method: "jacobi" (one segment per block) or "gs_jacobi" (`segments`).
+  segments: segment count per block t = 0 .. n-1 (forward order: block 0 is next to the pixels),
+    or one count for every block.
+  tolerance: a segment stops once max |x^k - x^(k-1)| over the batch is <= this ([-1, 1] units).
+  max_iterations: cap on the passes of one segment; 0 (or more than its length): its length, at
+    which Jacobi is exact whatever the tolerance.
+  init: the start x^0 of block t: "z", the latent the whole flow inverts (every block);
+    "previous", the block's own input, i.e. the output of the block inverted before it;
+    "student", the distilled student's one-pass inverse of that input.
+  """
+  method: str = "jacobi"
+  segments: tuple[int, ...] = (1,)
+  tolerance: float = 0.0
+  max_iterations: int = 0
+  init: str = "previous"
+
+  def block_segments(self, t: int) -> int:
+    return self.segments[t] if len(self.segments) > 1 else self.segments[0]
 
 
 class AffineBlock(nn.Module):
@@ -97,6 +134,25 @@ class AffineBlock(nn.Module):
   def _order(self, x_BxNxD: jax.Array) -> jax.Array:
     return x_BxNxD[:, ::-1] if self.flip else x_BxNxD
 
+  def _decode_inputs(self, v_BxTxD: jax.Array, positions_T: jax.Array, pos_TxW: jax.Array,
+                     labels_B: jax.Array | None) -> jax.Array:
+    """Transformer inputs [B, T, W] at `positions_T` of the inverse: position j reads token
+    v_j = x_(j - 1) (the start vector instead at j = 0 with a start token) and emits the
+    parameters of the token it decodes (`inverse`, `inverse_parallel`)."""
+    h_BxTxW = self.embed(v_BxTxD.astype(self.dtype))
+    if self.start_token:
+      h_BxTxW = jnp.where((positions_T == 0)[None, :, None], self.start.astype(h_BxTxW.dtype),
+                          h_BxTxW)
+    h_BxTxW = h_BxTxW + pos_TxW.astype(h_BxTxW.dtype)
+    if self.num_classes > 0:
+      h_BxTxW = h_BxTxW + self.class_embed(labels_B)[:, None].astype(h_BxTxW.dtype)
+    return h_BxTxW
+
+  def _emit(self, out_BxTxW: jax.Array, z_BxTxD: jax.Array) -> jax.Array:
+    """x = z * exp(a) + mu from the Transformer's output at the emitting positions, float32."""
+    mu_BxTxD, a_raw_BxTxD = jnp.split(self.head(out_BxTxW).astype(jnp.float32), 2, axis=-1)
+    return z_BxTxD * jnp.exp(soft_clip(a_raw_BxTxD, self.logscale_clip)) + mu_BxTxD
+
   def __call__(self, x_BxNxD: jax.Array, labels_B: jax.Array | None = None):
     x_BxNxD = self._order(x_BxNxD.astype(jnp.float32))
     mu_BxNxD, a_BxNxD = self.affine_params(x_BxNxD, labels_B)
@@ -131,16 +187,11 @@ class AffineBlock(nn.Module):
 
     def step(block, carry, j, z_BxNxD, labels_B):
       caches, x_prev_BxD = carry
-      h_Bx1xW = block.embed(x_prev_BxD[:, None].astype(block.dtype))
-      if block.start_token:
-        h_Bx1xW = jnp.where(j == 0, block.start.astype(h_Bx1xW.dtype), h_Bx1xW)
-      h_Bx1xW = h_Bx1xW + jax.lax.dynamic_index_in_dim(block.pos, j, keepdims=True).astype(h_Bx1xW.dtype)
-      if block.num_classes > 0:
-        h_Bx1xW = h_Bx1xW + block.class_embed(labels_B)[:, None].astype(h_Bx1xW.dtype)
+      pos_1xW = jax.lax.dynamic_index_in_dim(block.pos, j, keepdims=True)
+      h_Bx1xW = block._decode_inputs(x_prev_BxD[:, None], j[None], pos_1xW, labels_B)
       out_Bx1xW, caches = block.transformer(h_Bx1xW, caches, j)
-      mu_BxD, a_raw_BxD = jnp.split(block.head(out_Bx1xW)[:, 0].astype(jnp.float32), 2, axis=-1)
-      z_t_BxD = jax.lax.dynamic_index_in_dim(z_BxNxD, j + first, axis=1, keepdims=False)
-      x_t_BxD = z_t_BxD * jnp.exp(soft_clip(a_raw_BxD, block.logscale_clip)) + mu_BxD
+      z_t_Bx1xD = jax.lax.dynamic_slice_in_dim(z_BxNxD, j + first, 1, axis=1)
+      x_t_BxD = block._emit(out_Bx1xW, z_t_Bx1xD)[:, 0]
       return (caches, x_t_BxD), x_t_BxD
 
     scan = nn.scan(step, variable_broadcast="params", split_rngs={"params": False},
@@ -149,6 +200,77 @@ class AffineBlock(nn.Module):
     if not self.start_token:
       x_BxTxD = jnp.concatenate([z_BxNxD[:, :1], x_BxTxD], axis=1)
     return self._order(x_BxTxD)
+
+  def inverse_parallel(self, z_BxNxD: jax.Array, labels_B: jax.Array | None, x0_BxNxD: jax.Array,
+                       segments: int = 1, tolerance: float = 0.0, max_iterations: int = 0
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Gauss-Seidel-Jacobi inverse from the start x0 (both natural order) -> (x [B, N, D],
+    passes used, int32 []); one segment is plain Jacobi.
+
+    The P positions that emit a token (N with a start token; N - 1 without, token 0 passing
+    unchanged) are cut into R runs of S = ceil(P / segments) positions, the last padded to
+    Q = R * S. A `lax.scan` over the runs carries the KV caches [B, H, Q, K] and the unknowns
+    u_BxQxD; run r iterates, in a `lax.while_loop`, one causal pass over its S positions
+    (attending to the cached keys of the runs before it) until the batch's max abs change is
+    <= `tolerance` or it has made min(cap, its length) passes, its length being where the
+    triangular system is solved exactly. At that stop the cache holds the keys of the last
+    pass's inputs: exact at the cap, within the tolerance otherwise.
+    """
+    z_BxNxD = self._order(z_BxNxD.astype(jnp.float32))
+    x0_BxNxD = self._order(x0_BxNxD.astype(jnp.float32))
+    b, n, _ = z_BxNxD.shape
+    first = 0 if self.start_token else 1
+    p = n - first
+    seg = -(-p // max(1, min(segments, p)))
+    runs = -(-p // seg)
+    pad = [(0, 0), (0, runs * seg - p), (0, 0)]
+    # Position j emits token u_j = x_(j + first) from token v_j = x_(j + first - 1).
+    zu_BxQxD = jnp.pad(z_BxNxD[:, first:], pad)
+    u_BxQxD = jnp.pad(x0_BxNxD[:, first:], pad)
+    pos_QxW = jnp.pad(self.pos[:p], [(0, runs * seg - p), (0, 0)])
+    v0_BxD = z_BxNxD[:, 0]   # what position 0 reads without a start token (ignored with one)
+    caches = self.transformer.init_cache(b, runs * seg)
+    cap = seg if max_iterations <= 0 else min(max_iterations, seg)
+
+    def run(block, carry, r, labels_B):
+      caches, u_BxQxD = carry
+      lo = r * seg
+      positions_S = lo + jnp.arange(seg)
+      valid_S = positions_S < p
+      length = jnp.minimum(seg, p - lo)
+      zs_BxSxD = jax.lax.dynamic_slice_in_dim(zu_BxQxD, lo, seg, axis=1)
+      pos_SxW = jax.lax.dynamic_slice_in_dim(pos_QxW, lo, seg, axis=0)
+      prev_BxD = jnp.where(lo == 0, v0_BxD,
+                           jax.lax.dynamic_index_in_dim(u_BxQxD, jnp.maximum(lo - 1, 0), axis=1,
+                                                        keepdims=False))
+
+      def one_pass(block, state):
+        k, us_BxSxD, caches, _ = state
+        v_BxSxD = jnp.concatenate([prev_BxD[:, None], us_BxSxD[:, :-1]], axis=1)
+        h_BxSxW = block._decode_inputs(v_BxSxD, positions_S, pos_SxW, labels_B)
+        out_BxSxW, caches = block.transformer(h_BxSxW, caches, lo)
+        new_BxSxD = jnp.where(valid_S[None, :, None], block._emit(out_BxSxW, zs_BxSxD), 0.0)
+        change = jnp.max(jnp.abs(new_BxSxD - us_BxSxD))
+        return k + 1, new_BxSxD, caches, change
+
+      def going(block, state):
+        k, _, _, change = state
+        return (k < jnp.minimum(cap, length)) & (change > tolerance)
+
+      us0_BxSxD = jnp.where(valid_S[None, :, None],
+                            jax.lax.dynamic_slice_in_dim(u_BxQxD, lo, seg, axis=1), 0.0)
+      k, us_BxSxD, caches, _ = nn.while_loop(
+          going, one_pass, block, (jnp.int32(0), us0_BxSxD, caches, jnp.float32(jnp.inf)))
+      u_BxQxD = jax.lax.dynamic_update_slice_in_dim(u_BxQxD, us_BxSxD, lo, axis=1)
+      return (caches, u_BxQxD), k
+
+    scan = nn.scan(run, variable_broadcast="params", split_rngs={"params": False},
+                   in_axes=(0, nn.broadcast))
+    (_, u_BxQxD), passes_R = scan(self, (caches, u_BxQxD), jnp.arange(runs), labels_B)
+    x_BxNxD = u_BxQxD[:, :p]
+    if not self.start_token:
+      x_BxNxD = jnp.concatenate([z_BxNxD[:, :1], x_BxNxD], axis=1)
+    return self._order(x_BxNxD), jnp.sum(passes_R)
 
   def inverse_recompute(self, z_BxNxD: jax.Array, labels_B: jax.Array | None = None) -> jax.Array:
     """The same inverse recomputing the whole prefix at every token: O(N) full passes.
@@ -226,6 +348,27 @@ class Flow(nn.Module):
                       labels_B: jax.Array | None = None) -> jax.Array:
     """z [B, N, D] -> x in n parallel passes (the distilled decode; for causal=False)."""
     return self.student_chain(z_BxNxD, labels_B)[-1]
+
+  def inverse_parallel(self, z_BxNxD: jax.Array, labels_B: jax.Array | None,
+                       spec: ParallelInverse,
+                       student_guess: Callable[[int, jax.Array], jax.Array] | None = None
+                       ) -> tuple[jax.Array, jax.Array]:
+    """z [B, N, D] -> (x [B, N, D], passes per block int32 [n], block 0 first): every block by
+    (Gauss-Seidel-)Jacobi, `spec`, in reverse order. `student_guess(t, z_t)` gives block t's start
+    from its input when spec.init is "student" (the distilled student's block t)."""
+    z_top_BxNxD = x_BxNxD = z_BxNxD.astype(jnp.float32)
+    passes = [None] * self.num_blocks
+    for t in reversed(range(self.num_blocks)):
+      if spec.init == "student":
+        if student_guess is None:
+          raise ValueError("jacobi_init = 'student' needs the distilled student's guess")
+        x0_BxNxD = student_guess(t, x_BxNxD)
+      else:
+        x0_BxNxD = z_top_BxNxD if spec.init == "z" else x_BxNxD
+      x_BxNxD, passes[t] = self.blocks[t].inverse_parallel(
+          x_BxNxD, labels_B, x0_BxNxD, spec.block_segments(t), spec.tolerance,
+          spec.max_iterations)
+    return x_BxNxD, jnp.stack(passes) if passes else jnp.zeros((0,), jnp.int32)
 
   def inverse(self, z_BxNxD: jax.Array, labels_B: jax.Array | None = None,
               recompute: bool = False) -> jax.Array:
