@@ -73,9 +73,9 @@ def main(argv=None) -> dict:
   fns = {
       "ar_exact": lambda k, y: ar_exact(params, None, k, y),
       "ar_student": lambda k, y: ar_student(params, student_params, k, y),
-      "afm_student": lambda k, y: trainer.generate_batch(g_params, target.params, k, y),
+      "afm_student": lambda k, y: trainer.generate_batch(g_params, target.params, k, y)[0],
       "afm_exact": lambda k, y: trainer_exact.generate_batch(g_params, trainer_exact.target.params,
-                                                             k, y),
+                                                             k, y)[0],
       "ar_student_unguided": lambda k, y: ar_unguided(params, student_params, k, y),
   }
   labels = jnp.arange(args.batch, dtype=jnp.int32) % 10

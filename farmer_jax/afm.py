@@ -177,8 +177,9 @@ class PixelTarget:
   def encode(self, params, batch: dict, key: jax.Array) -> jax.Array:
     return train.dequantize(batch["image"], self.num_levels, key)
 
-  def decode(self, params, x: jax.Array, labels_B: jax.Array, key: jax.Array) -> jax.Array:
-    return x
+  def decode(self, params, x: jax.Array, labels_B: jax.Array, key: jax.Array):
+    """-> (x, no AF passes [0]): the pixels are the images."""
+    return x, jnp.zeros((0,), jnp.int32)
 
 
 def afm_step(state: AFMState, batch: dict, base_key: jax.Array, target_params=None, *,
@@ -274,12 +275,13 @@ class AFMTrainer:
     noise_shape = (config.sample.batch_size, n.image_size, n.image_size, n.channels)
 
     def generate_batch(g_params, target_params, key, labels_B):
-      """eps -> G -> (on FARMER's latents: z^R and the decoder) -> images in [-1, 1]."""
+      """eps -> G -> (on FARMER's latents: z^R and the decoder) -> (images in [-1, 1], AF passes
+      per block [n] of a Jacobi inverse, else [0])."""
       eps = layers.constrain(jax.random.normal(key, noise_shape, jnp.float32), layers.ACT_BATCH)
       labels_B = layers.constrain(labels_B, layers.ACT_BATCH)   # the batch splits over the mesh
       x = self.gen.apply({"params": g_params}, eps, labels_B)
-      return jnp.clip(self.target.decode(target_params, x, labels_B, jax.random.fold_in(key, 1)),
-                      -1.0, 1.0)
+      images, passes_n = self.target.decode(target_params, x, labels_B, jax.random.fold_in(key, 1))
+      return jnp.clip(images, -1.0, 1.0), passes_n
 
     self.generate_batch = jax.jit(self.with_rules(generate_batch),
                                   in_shardings=(self.state_shardings.g.ema_params,
@@ -306,14 +308,18 @@ class AFMTrainer:
     for start in range(0, len(labels), bs):
       chunk = labels[start:start + bs]
       y = np.pad(chunk, (0, bs - len(chunk)), mode="edge").astype(np.int32)
-      images = self.generate_batch(g_params, self.target.params, jax.random.fold_in(key, start),
-                                   jnp.asarray(y))
-      out.append(np.asarray(jax.device_get(images))[:len(chunk)])
+      images, passes_n = jax.device_get(self.generate_batch(
+          g_params, self.target.params, jax.random.fold_in(key, start), jnp.asarray(y)))
+      if passes_n.size:
+        logging.info("%s inverse, images %d-%d: AF passes per block (block 0 first) %s",
+                     self.decoder, start, start + len(chunk) - 1, passes_n.tolist())
+      out.append(np.asarray(images)[:len(chunk)])
     return np.concatenate(out)
 
   @property
   def decoder(self) -> str:
-    return "student" if self.target.use_student else "exact"
+    """What decodes FARMER's latents (sample.decoder_name); "exact" for pixels (unused)."""
+    return getattr(self.target, "decoder", "exact")
 
   def sample(self, state: AFMState, run: rundir.RunDir, writer=None, tag: str | None = None
              ) -> str:

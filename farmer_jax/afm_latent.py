@@ -10,6 +10,7 @@ laid out on the token grid, so that G and D are the same image transformers as f
              z^R ~ FARMER's shared redundant GMM G_{N+1} after one parallel causal prior pass
                    over z^I (`Prior.complete`; config.sample's guidance applies to this head)
              x = the distilled student (one parallel pass per block) or the exact AF inverse
+                   (`sample.inverse`: sequential, or (Gauss-Seidel-)Jacobi to a tolerance)
 
 so a whole image takes a few parallel passes and no token-by-token loop. mean / std [d_I] are
 measured once, over `afm.stats_batches` training batches of `afm.batch_size` (pooled over tokens
@@ -55,7 +56,8 @@ class FarmerLatentTarget:
     recorded = rundir.read_json(self.run.farmer)
     farmer_dir = str(rundir.as_path(a.farmer_workdir or (recorded or {}).get("workdir")
                                     or workdir))
-    self.use_student = rundir.decoder(config, farmer_dir) == "student"
+    self.use_student = rundir.decoder(config, farmer_dir) == "student"   # decodes alone
+    load_student = self.use_student or sample.wants_student(config.sample)   # or starts Jacobi
 
     def check_recorded(step):   # before any weights are read where the step is known
       if recorded and (recorded["workdir"], recorded["step"]) != (farmer_dir, step):
@@ -64,7 +66,7 @@ class FarmerLatentTarget:
             f"step {recorded['step']}, not {farmer_dir} step {step}; use a new --workdir or "
             f"remove {self.run} to start over")
 
-    if self.use_student:
+    if load_student:
       dist, state, student_state, info = distill.restore_student(config, farmer_dir)
       self.trainer = dist.trainer
       self.student = dist.student
@@ -84,9 +86,10 @@ class FarmerLatentTarget:
           what="FARMER", workdir_field="afm.farmer_workdir", step_field="afm.farmer_step",
           check_step=check_recorded)
     check_recorded(info["step"])
-    info["decoder"] = "student" if self.use_student else "exact"
-    self.info = info
     self.model_config = c = self.trainer.model_config
+    self.parallel = sample.parallel_inverse(config.sample, c)
+    info["decoder"] = self.decoder = sample.decoder_name(self.use_student, self.parallel)
+    self.info = info
     self.model = self.trainer.model
     self.grid = c.image_size // c.patch_size
     self.shape = (self.grid, self.grid, c.d_informative)
@@ -98,7 +101,7 @@ class FarmerLatentTarget:
     self.param_shardings = {"farmer": getattr(self.trainer.state_shardings,
                                               self.trainer.eval_field)}
     del state
-    if self.use_student:
+    if load_student:
       self.params["student"] = student_params
       self.param_shardings["student"] = student_shardings
     self.param_shardings.update(mean=repl, std=repl)
@@ -120,19 +123,25 @@ class FarmerLatentTarget:
     """Real images -> standardised z^I [B, g, g, d_I]: what D sees as real."""
     return (self.latents(params, batch, key) - params["mean"]) / params["std"]
 
-  def decode(self, params, x_BxGxGxI: jax.Array, labels_B: jax.Array, key: jax.Array) -> jax.Array:
-    """G's output -> images [B, H, W, C] (not clipped): z^I, z^R from the shared GMM, the decoder."""
+  def decode(self, params, x_BxGxGxI: jax.Array, labels_B: jax.Array, key: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+    """G's output -> (images [B, H, W, C] not clipped, AF passes per block [n] of the Jacobi
+    inverse, else [0]): z^I, z^R from the shared GMM, the decoder."""
     p = {"params": params["farmer"]}
     z_inf = from_grid(x_BxGxGxI * params["std"] + params["mean"])
     labels_B = self.model.apply(p, labels_B, method=farmer.Farmer.sample_labels)
     z = self.model.apply(p, key, z_inf, labels_B, self.sampler,
                          method=farmer.Farmer.complete_latents)
-    if self.student is None:
-      return self.model.apply(p, z, labels_B, method=farmer.Farmer.decode)
+    no_passes = jnp.zeros((0,), jnp.int32)
+    if self.parallel is not None:
+      return sample.decode_parallel(self.model, params["farmer"], z, labels_B, self.parallel,
+                                    self.student, params.get("student"))
+    if not self.use_student:
+      return self.model.apply(p, z, labels_B, method=farmer.Farmer.decode), no_passes
     c = self.model_config
     x = self.student.apply({"params": params["student"]}, z, labels_B,
                            method=flow.Flow.student_inverse)
-    return farmer.unpatchify(x, c.patch_size, c.image_size, c.channels)
+    return farmer.unpatchify(x, c.patch_size, c.image_size, c.channels), no_passes
 
   # -- standardisation ------------------------------------------------------------------------
 

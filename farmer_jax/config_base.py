@@ -202,8 +202,21 @@ def base_config() -> ml_collections.ConfigDict:
       redundant_pool=64,         # ours: pool for the shared redundant GMM, resampled N times
       naive_max_tries=32,        # naive: rejection-sampling proposals, then the best ratio wins
       denoise=False,             # TARFlow-style score step with sigma = train.noise_min
-      decoder="auto",            # exact (KV-cached AF inverse) | student (distilled, one pass per
-                                 # block) | auto: the student when <workdir>/distill has one
+      decoder="auto",            # exact (the AF inverse of `inverse`) | student (distilled, one
+                                 # pass per block) | auto: the student when <workdir>/distill has
+                                 # one and `inverse` is sequential, else exact
+      # The exact AF inverse (ours; docs/jacobi.md). sequential: KV-cached, one token per step;
+      # jacobi: every token of a block at once, one causal pass per iteration, until converged;
+      # gs_jacobi: the tokens in `jacobi_segments` runs taken in order, Jacobi inside each.
+      inverse="sequential",
+      jacobi_tolerance=1e-3,     # a segment stops when no value of x moved more than this in its
+                                 # last pass ([-1, 1] pixel units; 0: to the float32 fixed point)
+      jacobi_max_iterations=0,   # passes per segment at most; 0: the segment's length (exact)
+      jacobi_segments="1",       # gs_jacobi: segments per AF block, one count ("4") or one per
+                                 # block, block 0 (next to the pixels) first ("1,1,1,4")
+      jacobi_init="previous",    # start of block t: z (the latent the prior drew) | previous
+                                 # (its input, the block inverted before it) | student (the
+                                 # distilled student's pass on that input; needs <workdir>/distill)
       name="",                   # --mode=sample / fid file tag (samples_<step>_<name>.npz); empty:
                                  # decoder, guidance, seed and a hash of these settings
   )

@@ -28,6 +28,8 @@ SECTIONS = {
     "eval": {"batch_size", "every", "dequant_seed"},
     "sharding": {"mesh", "rules"},
     "sample": {"per_class", "batch_size", "seed", "classes", "denoise", "decoder", "name",
+               "inverse", "jacobi_tolerance", "jacobi_max_iterations", "jacobi_segments",
+               "jacobi_init",
                *(f.name for f in dataclasses.fields(prior.SamplerConfig))},
     "distill": {"teacher_workdir", "teacher_step", "batch_size", "num_steps", "noise_max",
                 "data_noise", "learning_rate", "min_learning_rate", "warmup_steps", "b1", "b2",
@@ -163,6 +165,7 @@ def validate(config: ml_collections.ConfigDict) -> farmer.ModelConfig:
   try:   # the checks that live with what they configure raise plain ValueErrors
     model_config = farmer.ModelConfig.from_config(config)
     sample.sampler_config(s)
+    sample.parallel_inverse(s, model_config)
     sample.parse_classes(s.classes, model_config.num_classes)
     fid_config.validate(config.fid)
   except ConfigError:

@@ -327,16 +327,19 @@ def restore_student(config, workdir: str) -> tuple[Distiller, TrainState, TrainS
 
 def sample_with_student(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--mode=sample with the student: the prior of the teacher checkpoint it was distilled from,
-  the student's decode -> <workdir>/samples/samples_<teacher step>_<tag>.npz and .png."""
+  the student's decode (or, with `sample.inverse` parallel, the exact inverse iterated from the
+  student's) -> <workdir>/samples/samples_<teacher step>_<tag>.npz and .png."""
   with rundir.hold(workdir) as run:
     dist, teacher_state, student_state, info = restore_student(config, workdir)
-    logging.info("decoding with the distilled student (step %d) of teacher step %d",
+    parallel = sample.parallel_inverse(config.sample, dist.trainer.model_config)
+    logging.info("decoding with %s the distilled student (step %d) of teacher step %d",
+                 "the exact inverse by %s, started from" % parallel.method if parallel else "",
                  int(student_state.step), info["step"])
-    tag = rundir.sample_tag(config.sample, "student",
+    tag = rundir.sample_tag(config.sample, sample.decoder_name(True, parallel),
                             {"student_step": int(student_state.step)})
     with jax.set_mesh(dist.mesh):
       return dist.trainer.sample(teacher_state, run, tag=tag, student=(
-          dist.student, dist.student_params(student_state)))
+          dist.student, dist.student_params(student_state)), parallel=parallel)
 
 
 def evaluate_latest(config: ml_collections.ConfigDict, workdir: str) -> dict:

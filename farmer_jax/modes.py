@@ -3,7 +3,7 @@ FID evaluation, chosen from the config's phase and, for sampling, `sample.decode
 import jax
 import ml_collections
 
-from farmer_jax import config_check, distill, rundir, train
+from farmer_jax import config_check, distill, rundir, sample as sampling, train
 
 MODES = ("train", "evaluate", "sample", "plan", "fid")
 
@@ -20,14 +20,17 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--mode=sample: samples_<step>_<tag>.npz and .png from the latest checkpoint, decoded by the
   distilled student when `sample.decoder` says so ("auto": when <workdir>/distill holds one), else
-  by the exact inverse. Returns the npz path."""
+  by the exact inverse of `sample.inverse` (a Jacobi start from the student also reads it).
+  Returns the npz path."""
   config_check.validate(config)
-  if rundir.decoder(config, workdir) == "student":
+  if rundir.decoder(config, workdir) == "student" or sampling.wants_student(config.sample):
     return distill.sample_with_student(config, workdir)
   with rundir.hold(workdir) as run:
     trainer, state = train.restore_latest(config, workdir)
+    parallel = sampling.parallel_inverse(config.sample, trainer.model_config)
+    tag = rundir.sample_tag(config.sample, sampling.decoder_name(False, parallel))
     with jax.set_mesh(trainer.mesh):
-      return trainer.sample(state, run, tag=rundir.sample_tag(config.sample, "exact"))
+      return trainer.sample(state, run, tag=tag, parallel=parallel)
 
 
 def check(mode: str, config: ml_collections.ConfigDict) -> None:

@@ -1,9 +1,10 @@
 """Sampling entry points: class-conditional image generation, `samples_<step>.npz` and a PNG grid.
 
 The sampler is the KV-cached prior decode (unguided decoupled sampling, resampling CFG or naive
-CFG, `prior.SamplerConfig`) followed by the KV-cached exact AF inverse or the distilled one-step
-student (farmer_jax/distill.py), jitted once per model, settings and batch shape. Images leave as
-uint8 in the dataset's native levels 0..L-1.
+CFG, `prior.SamplerConfig`) followed by the AF inverse: the KV-cached sequential one, its Jacobi or
+Gauss-Seidel-Jacobi iteration to a tolerance (`sample.inverse`, docs/jacobi.md), or the distilled
+one-step student (farmer_jax/distill.py); jitted once per model, settings and batch shape. Images
+leave as uint8 in the dataset's native levels 0..L-1.
 """
 import dataclasses
 import functools
@@ -55,6 +56,71 @@ def sampler_config(sample_cfg) -> prior.SamplerConfig:
   return s
 
 
+def parse_segments(spec, num_blocks: int, positions: int) -> tuple[int, ...]:
+  """`config.sample.jacobi_segments`: one count ("4") or one per AF block in forward order
+  ("8,1,1,1") -> a tuple; each in [1, positions] (the tokens a block decodes)."""
+  try:
+    counts = tuple(int(v) for v in str(spec).split(",") if v.strip())
+  except ValueError:
+    counts = ()
+  if len(counts) not in (1, num_blocks) or not all(1 <= c <= positions for c in counts):
+    raise ValueError(
+        f"config.sample.jacobi_segments = {spec!r}: one count, or one per AF block "
+        f"({num_blocks}, comma-separated, block 0 first), each an integer in [1, {positions}] "
+        f"(the tokens each block decodes)")
+  return counts
+
+
+def parallel_inverse(sample_cfg, model_config: farmer.ModelConfig, has_student: bool = True
+                     ) -> flow.ParallelInverse | None:
+  """`sample.inverse` and its `jacobi_*` fields, validated -> the settings of the
+  (Gauss-Seidel-)Jacobi inverse, or None for the sequential one. Without a student to start from
+  (`has_student` False: the end of training) jacobi_init 'student' falls back to 'previous'."""
+  method = sample_cfg.get("inverse", "sequential")
+  if method not in flow.INVERSES:
+    raise ValueError(f"config.sample.inverse = {method!r}: must be one of {flow.INVERSES}")
+  tolerance = sample_cfg.get("jacobi_tolerance", 0.0)
+  if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+    raise ValueError(f"config.sample.jacobi_tolerance = {tolerance!r}: must be a number >= 0 (the "
+                     f"max abs change of x between two passes that stops a segment)")
+  cap = sample_cfg.get("jacobi_max_iterations", 0)
+  if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+    raise ValueError(f"config.sample.jacobi_max_iterations = {cap!r}: must be an integer >= 0 "
+                     f"(0: a segment's length, where Jacobi is exact)")
+  positions = model_config.num_tokens - (0 if model_config.af_start_token else 1)
+  segments = parse_segments(sample_cfg.get("jacobi_segments", "1"), model_config.af_blocks,
+                            positions)
+  init = sample_cfg.get("jacobi_init", "previous")
+  if init not in flow.JACOBI_INITS:
+    raise ValueError(f"config.sample.jacobi_init = {init!r}: must be one of {flow.JACOBI_INITS}")
+  if method == "sequential":
+    return None
+  if sample_cfg.get("decoder", "auto") == "student":
+    raise ValueError(f"config.sample.inverse = {method!r} iterates the exact AF inverse, but "
+                     f"sample.decoder = 'student' decodes with the student alone: set decoder "
+                     f"'auto' or 'exact' (jacobi_init='student' starts from the student)")
+  if init == "student" and not has_student:
+    logging.warning("sample.jacobi_init = 'student' without a distilled student here: each block "
+                    "starts from its input ('previous') instead")
+    init = "previous"
+  return flow.ParallelInverse(method, (1,) if method == "jacobi" else segments, float(tolerance),
+                              cap, init)
+
+
+def wants_student(sample_cfg) -> bool:
+  """Whether the config's decode needs the distilled student as a start (not as the decoder)."""
+  return (sample_cfg.get("inverse", "sequential") != "sequential"
+          and sample_cfg.get("jacobi_init", "previous") == "student")
+
+
+def decoder_name(student: bool, parallel: flow.ParallelInverse | None) -> str:
+  """What decodes, for file tags and npz info: "student" (alone), "jacobi" / "gs_jacobi" (the
+  parallel exact inverse, whatever its start) or "exact" (the sequential one)."""
+  if parallel is not None:
+    return parallel.method
+  return "student" if student else "exact"
+
+
 def grid_labels(classes: np.ndarray, per_class: int) -> np.ndarray:
   """Labels for a grid with one row per class: [len(classes) * per_class]."""
   return np.repeat(np.asarray(classes, np.int32), per_class)
@@ -67,13 +133,41 @@ def denoise(model: farmer.Farmer, params, images: jax.Array, labels: jax.Array,
   return images + sigma ** 2 * jax.grad(log_p)(images)
 
 
+def decode_parallel(model: farmer.Farmer, params, z_BxNxD: jax.Array, labels_B: jax.Array,
+                    parallel: flow.ParallelInverse, student_flow: flow.Flow | None = None,
+                    student_params=None) -> tuple[jax.Array, jax.Array]:
+  """Latents -> (images [B, H, W, C] not clipped, AF passes per block [n]) by the
+  (Gauss-Seidel-)Jacobi inverse; block t starts from the student's block t on its input when
+  parallel.init is "student" (then `student_flow` and its params are needed)."""
+  guess = None
+  if parallel.init == "student":
+    if student_flow is None:
+      raise ValueError("config.sample.jacobi_init = 'student' needs a distilled student")
+
+    def guess(t, z_t_BxNxD):
+      return student_flow.apply({"params": student_params}, z_t_BxNxD, labels_B,
+                                method=lambda f, z, y: f.blocks[t].student_inverse(z, y))
+  return model.apply({"params": params}, z_BxNxD, labels_B, parallel, guess,
+                     method=farmer.Farmer.decode_parallel)
+
+
 def batch_sampler(model: farmer.Farmer, sampler: prior.SamplerConfig = prior.SamplerConfig(),
-                  student_flow: flow.Flow | None = None, denoise_sigma: float = 0.0):
+                  student_flow: flow.Flow | None = None, denoise_sigma: float = 0.0,
+                  parallel: flow.ParallelInverse | None = None, with_passes: bool = False):
   """FARMER's sampler of one batch, to be jitted: fn(params, student_params, key, labels [B]) ->
   images [B, H, W, C] in [-1, 1]. The AR prior draws the latents (KV-cached); the exact inverse
-  decodes them, or `student_flow` (with student_params) in one parallel pass per block."""
+  decodes them, or `student_flow` (with student_params) in one parallel pass per block. With
+  `parallel` the exact inverse runs by (Gauss-Seidel-)Jacobi and `student_flow`, if given, only
+  gives each block's start (jacobi_init 'student'). `with_passes`: fn returns (images, AF passes
+  per block int32 [n], block 0 first; [0] without `parallel`)."""
   def sample_fn(p, sp, k, y):
-    if student_flow is None:
+    passes_n = jnp.zeros((0,), jnp.int32)
+    if parallel is not None:
+      y = model.apply({"params": p}, y, method=farmer.Farmer.sample_labels)
+      z = model.apply({"params": p}, k, y, sampler, method=farmer.Farmer.sample_latents)
+      images, passes_n = decode_parallel(model, p, z, y, parallel, student_flow, sp)
+      images = jnp.clip(images, -1.0, 1.0)
+    elif student_flow is None:
       images = model.apply({"params": p}, k, y, sampler, method=farmer.Farmer.sample)
     else:
       y = model.apply({"params": p}, y, method=farmer.Farmer.sample_labels)
@@ -83,26 +177,31 @@ def batch_sampler(model: farmer.Farmer, sampler: prior.SamplerConfig = prior.Sam
       images = jnp.clip(farmer.unpatchify(x, c.patch_size, c.image_size, c.channels), -1.0, 1.0)
     if denoise_sigma > 0:
       images = jnp.clip(denoise(model, p, images, y, denoise_sigma), -1.0, 1.0)
-    return images
+    return (images, passes_n) if with_passes else images
   return sample_fn
 
 
 @functools.lru_cache(maxsize=32)
 def jitted_sampler(model: farmer.Farmer, sampler: prior.SamplerConfig, student_flow, denoise_sigma,
-                   out_sharding, rules):
-  """`batch_sampler` jitted once per model, sampler settings, decoder, output placement and
-  logical-axis rules (which tracing reads), so that repeated sampling (every distillation
-  evaluation, every FID run in a process) compiles once per batch shape."""
+                   out_sharding, rules, parallel: flow.ParallelInverse | None = None):
+  """`batch_sampler` (with passes) jitted once per model, sampler settings, decoder, output
+  placement and logical-axis rules (which tracing reads), so that repeated sampling (every
+  distillation evaluation, every FID run in a process) compiles once per batch shape."""
   del rules   # part of the cache key only
-  return jax.jit(batch_sampler(model, sampler, student_flow, denoise_sigma),
-                 out_shardings=out_sharding)
+  passes_sharding = out_sharding
+  if isinstance(out_sharding, jax.sharding.NamedSharding):   # [n] counts: whole everywhere
+    passes_sharding = jax.sharding.NamedSharding(out_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(batch_sampler(model, sampler, student_flow, denoise_sigma, parallel, True),
+                 out_shardings=(out_sharding, passes_sharding))
 
 
 def generate(model: farmer.Farmer, params, labels: np.ndarray, key: jax.Array, *,
              batch_size: int, sampler: prior.SamplerConfig = prior.SamplerConfig(),
              denoise_sigma: float = 0.0, progress: bool = True,
              out_sharding: jax.sharding.Sharding | None = None,
-             student: tuple[flow.Flow, Any] | None = None, as_float: bool = False) -> np.ndarray:
+             student: tuple[flow.Flow, Any] | None = None, as_float: bool = False,
+             parallel: flow.ParallelInverse | None = None, passes: list | None = None
+             ) -> np.ndarray:
   """Samples one image per label in fixed-size batches (one compilation): -> uint8 [N, H, W, C].
 
   `denoise_sigma` > 0 applies the score-based denoising step with that noise level.
@@ -111,9 +210,13 @@ def generate(model: farmer.Farmer, params, labels: np.ndarray, key: jax.Array, *
   `student`: (the distilled student Flow, its params) decodes the prior's latents in one parallel
   pass per block instead of the exact sequential inverse (SPEC sec. 6); the same `key` draws the
   same latents either way. `as_float`: float32 images in [-1, 1] instead of uint8 levels.
+  `parallel`: the exact inverse by (Gauss-Seidel-)Jacobi (`student` then only starts each block,
+  jacobi_init 'student'); the AF passes each block used are logged per batch and, with `passes`
+  (a list), appended to it as int [n] arrays (block 0 first).
   """
   sample_fn = jitted_sampler(model, sampler, None if student is None else student[0],
-                             denoise_sigma, out_sharding, tuple(nn.get_logical_axis_rules()))
+                             denoise_sigma, out_sharding, tuple(nn.get_logical_axis_rules()),
+                             parallel)
   student_params = None if student is None else student[1]
   if progress:
     logging.info("sampling %d images in batches of %d; the first batch compiles the sampler",
@@ -122,12 +225,19 @@ def generate(model: farmer.Farmer, params, labels: np.ndarray, key: jax.Array, *
   for start in range(0, len(labels), batch_size):
     chunk = labels[start:start + batch_size]
     padded = np.pad(chunk, (0, batch_size - len(chunk)), mode="edge")
-    images = jax.device_get(sample_fn(params, student_params, jax.random.fold_in(key, start),
-                                      jnp.asarray(padded)))
+    images, passes_n = jax.device_get(sample_fn(params, student_params,
+                                                jax.random.fold_in(key, start),
+                                                jnp.asarray(padded)))
     images = images if as_float else quantize(images, model.config.num_levels)
     out.append(images[:len(chunk)])
+    if passes is not None and parallel is not None:
+      passes.append(np.asarray(passes_n))
+    done = min(start + batch_size, len(labels))
+    if parallel is not None:
+      logging.info("%s inverse, batch of images %d-%d: AF passes per block (block 0 first) %s "
+                   "of %d tokens each", parallel.method, start, done - 1, passes_n.tolist(),
+                   model.config.num_tokens)
     if progress:
-      done = min(start + batch_size, len(labels))
       elapsed = time.perf_counter() - start_time
       logging.info("sampled %d/%d images (%.3f s/img, ETA %.0f s)", done, len(labels),
                    elapsed / done, elapsed / done * (len(labels) - done))

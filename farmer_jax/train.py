@@ -271,30 +271,34 @@ class Trainer:
     return result
 
   def sample(self, state: TrainState, run: rundir.RunDir, writer=None, *, student=None,
-             tag: str = "") -> str:
+             tag: str = "", parallel=None) -> str:
     """Samples `per_class` images of each chosen class with the config's sampler -> one grid row per
     class in samples/samples_<step>[_<tag>].png and .npz; returns the npz path. An existing file of
     that name (the same step and settings) is kept, not redrawn. `student`: (Flow, params) of a
-    distilled student that decodes instead of the exact inverse. `run`: a RunDir or a path."""
+    distilled student that decodes instead of the exact inverse; `parallel` (flow.ParallelInverse):
+    the exact inverse by (Gauss-Seidel-)Jacobi, started from `student` where given. `run`: a
+    RunDir or a path."""
     s, c, run = self.config.sample, self.model_config, rundir.RunDir(run)
     classes = sample.parse_classes(s.classes, c.num_classes)
     labels = sample.grid_labels(classes, s.per_class)
     step = int(state.step)
     npz = run.samples(step, tag)
-    info = {"step": step, "decoder": "exact" if student is None else "student",
+    info = {"step": step, "decoder": sample.decoder_name(student is not None, parallel),
             "seed": s.seed, "sample": s.to_dict()}
     if rundir.keep_existing_samples(npz, info, requested=bool(tag)):
       return str(npz)
-    images = self.generate(state, labels, student=student)
+    images = self.generate(state, labels, student=student, parallel=parallel)
     grid = sample.write_samples(run, step, images, labels, c.num_levels, rows=len(classes),
                                 tag=tag, info=info)
     if writer is not None:
       writer.write_images(step, {"samples": grid[None]})
     return str(npz)
 
-  def generate(self, state: TrainState, labels: np.ndarray, student=None) -> np.ndarray:
+  def generate(self, state: TrainState, labels: np.ndarray, student=None, parallel=None,
+               passes: list | None = None) -> np.ndarray:
     """One image per label with the config's sampler -> uint8 [N, H, W, C] on every process.
-    `student`: (Flow, params) of a distilled student that decodes instead of the exact inverse."""
+    `student`: (Flow, params) of a distilled student that decodes instead of the exact inverse;
+    `parallel`, `passes`: the (Gauss-Seidel-)Jacobi inverse as in `sample.generate`."""
     s = self.config.sample
     sampler = sample.sampler_config(s)
     logging.info("sampling %d images: %s", len(labels), sampler)
@@ -303,7 +307,8 @@ class Trainer:
           self.model, self.eval_params(state), labels, jax.random.key(s.seed),
           batch_size=s.batch_size, sampler=sampler,
           denoise_sigma=self.config.train.noise_min if s.denoise else 0.0,
-          out_sharding=sharding.replicated(self.mesh), student=student)
+          out_sharding=sharding.replicated(self.mesh), student=student, parallel=parallel,
+          passes=passes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +354,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
       def final(state):
         trainer.evaluate(state, run, writer)
-        trainer.sample(state, run, writer)
+        trainer.sample(state, run, writer, parallel=sample.parallel_inverse(
+            config.sample, trainer.model_config, has_student=False))
       return finish_run(state, preempted, t.num_steps, ckpt, writer, final)
 
 

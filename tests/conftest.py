@@ -29,7 +29,7 @@ jax.config.update("jax_platforms", "cpu")
 # idle for about a minute at the end).
 HEAVIEST_FIRST = ("test_train.py", "test_sharding.py", "test_distill.py", "test_models.py",
                   "test_multiprocess.py", "test_sampling.py", "test_remote_workdir.py",
-                  "test_rundir.py", "test_benchmarks.py", "test_afm.py", "test_configs.py",
+                  "test_rundir.py", "test_benchmarks.py", "test_jacobi.py", "test_afm.py", "test_configs.py",
                   "test_attention.py", "test_fid.py",
                   "test_launch.py")
 

@@ -13,7 +13,8 @@ import pytest
 
 import signals
 from configs import afm_farmer_latent, digits
-from farmer_jax import afm, afm_latent, config_check, distill, input_pipeline, modes, rundir, sharding, train
+from farmer_jax import (afm, afm_latent, config_check, distill, input_pipeline, modes, rundir,
+                        sample, sharding, train)
 from farmer_jax.models import farmer, flow
 
 
@@ -212,6 +213,68 @@ def test_sample_mode_decodes_with_the_student(distilled):
   assert diff.mean() < 1.0 and diff.max() > 0
 
 
+def test_parallel_inverse_on_the_trained_model_and_the_student_start(distilled):
+  """On the trained tiny teacher's prior latents: Jacobi and Gauss-Seidel-Jacobi at tolerance 0
+  equal the sequential inverse to float32 round-off in at most N passes per block; at working
+  tolerances, starting each block from the distilled student's pass takes fewer passes than
+  starting from z (and no more than from the block's own input)."""
+  workdir, _ = distilled
+  c = tiny_distill()
+  dist, teacher_state, student_state, _ = distill.restore_student(c, workdir)
+  model, params = dist.trainer.model, dist.trainer.eval_params(teacher_state)
+  student_params = dist.student_params(student_state)
+  labels = jnp.arange(20, dtype=jnp.int32) % 10
+  n = model.config.num_tokens
+  with jax.set_mesh(dist.mesh):
+    z = jax.jit(lambda p, k: model.apply({"params": p}, k, labels,
+                                         sample.sampler_config(c.sample),
+                                         method=farmer.Farmer.sample_latents))(params, jax.random.key(0))
+    seq = jax.jit(lambda p, z: model.apply({"params": p}, z, labels,
+                                           method=farmer.Farmer.decode))(params, z)
+
+    def parallel(spec):
+      run = jax.jit(lambda p, sp, z: sample.decode_parallel(model, p, z, labels, spec,
+                                                            dist.student, sp))
+      images, passes = run(params, student_params, z)
+      return images, np.asarray(passes)
+
+    for spec in (flow.ParallelInverse("jacobi", init="student"),
+                 flow.ParallelInverse("gs_jacobi", (4,), init="z")):
+      images, passes = parallel(spec)
+      assert float(jnp.max(jnp.abs(images - seq))) < 2e-5, spec
+      assert passes.shape == (2,) and passes.max() <= n, (spec, passes)
+    total = {}
+    for init in ("z", "previous", "student"):
+      total[init] = 0
+      for tolerance in (1e-4, 1e-3):
+        images, passes = parallel(flow.ParallelInverse("jacobi", (1,), tolerance, 0, init))
+        assert float(jnp.max(jnp.abs(images - seq))) < 10 * tolerance, (init, tolerance)
+        total[init] += int(passes.sum())
+  assert total["student"] < total["z"] and total["student"] <= total["previous"], total
+
+
+def test_sample_mode_with_the_parallel_inverse(distilled):
+  """--mode=sample with sample.inverse: "auto" no longer picks the student alone, the file tag
+  and info name the inverse, jacobi_init='student' starts from the student, and the images are
+  the exact decode's levels."""
+  workdir, _ = distilled
+  c = digits.get_config("tiny")
+  c.sample.update(inverse="jacobi", jacobi_tolerance=0.0)
+  jacobi_npz = modes.sample(c, workdir)
+  assert os.path.basename(jacobi_npz).startswith(f"samples_{TEACHER_STEP}_jacobi_")
+  c.sample.update(inverse="gs_jacobi", jacobi_segments="2", jacobi_tolerance=1e-3,
+                  jacobi_init="student")
+  gs_npz = modes.sample(c, workdir)
+  assert os.path.basename(gs_npz).startswith(f"samples_{TEACHER_STEP}_gs_jacobi_")
+  info = json.loads(str(np.load(gs_npz)["info"]))
+  assert info["decoder"] == "gs_jacobi" and info["sample"]["jacobi_init"] == "student"
+  c.sample.update(inverse="sequential", decoder="exact")
+  exact = np.load(modes.sample(c, workdir))["images"].astype(int)
+  for npz in (jacobi_npz, gs_npz):   # the same latents (same key), decoded to the same levels
+    diff = np.abs(np.load(npz)["images"].astype(int) - exact)
+    assert diff.max() <= 1 and np.mean(diff == 0) > 0.99, npz
+
+
 def test_clear_errors(teacher_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match="no teacher checkpoint"):
     distill.distill_and_evaluate(tiny_distill(), str(tmp_path / "empty"))
@@ -321,10 +384,20 @@ def test_afm_on_latents_trains_samples_guards_its_farmer_and_inverts(distilled, 
     assert np.abs(np.asarray(stats["mean"])).max() > 1e-3   # a real shift was removed
     # Decoding keeps z^I: the decoded images, encoded again (AF forward), give back G's input.
     labels = jnp.asarray(batches[0]["label"])
-    images = jax.jit(target.decode)(target.params, xs[0], labels, jax.random.key(4))
+    images, passes = jax.jit(target.decode)(target.params, xs[0], labels, jax.random.key(4))
+    assert passes.shape == (0,)   # the sequential inverse: no Jacobi passes
     z = target.model.apply({"params": target.params["farmer"]}, images, labels,
                            method=farmer.Farmer.encode)
     back = (afm_latent.to_grid(z[..., :2], 4) - target.params["mean"]) / target.params["std"]
     np.testing.assert_allclose(back, xs[0], atol=2e-3)
     # Token i of the natural order sits at grid row i // 4, column i % 4.
     np.testing.assert_array_equal(afm_latent.to_grid(z, 4)[:, 1, 2], z[:, 6])
+    # The same decode by Jacobi started from the student (which loads it): the exact inverse at
+    # tolerance 0, and the passes each AF block took.
+    c.sample.update(inverse="jacobi", jacobi_init="student", jacobi_tolerance=0.0)
+    jacobi = afm_latent.FarmerLatentTarget(c, out)
+    assert jacobi.decoder == "jacobi" and "student" in jacobi.params and not jacobi.use_student
+    jacobi.prepare(sharding.rules_from_config(c.sharding.rules), batch_size, c.seed, create=False)
+    images_j, passes = jax.jit(jacobi.decode)(jacobi.params, xs[0], labels, jax.random.key(4))
+    np.testing.assert_allclose(images_j, images, atol=2e-5)
+    assert passes.shape == (2,) and 1 <= passes.min() and passes.max() <= 16, passes

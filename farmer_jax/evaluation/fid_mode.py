@@ -18,7 +18,8 @@ convention, the sample settings, timings; and, unless fid.save_samples=False or 
 from a file, W/samples/fid_samples_<step>_<tag>.npz (with `arr_0`, so ADM's evaluator reads it).
 The tag names the decoder, guidance, seed and a hash of the sample and FID settings; an existing
 name gets -2, -3, ... Decoded by the distilled student (`sample.decoder`, as --mode=sample; the
-step is then the teacher's) when W/distill holds one.
+step is then the teacher's) when W/distill holds one, else by the exact inverse of `sample.inverse`
+(the (Gauss-Seidel-)Jacobi one adds `inverse_passes_per_block` to the JSON).
 """
 import functools
 import io
@@ -230,17 +231,19 @@ def _evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if fid.inception_weights == weights.RANDOM:
     logging.warning("Inception with RANDOM WEIGHTS (config.fid.inception_weights=random): %s",
                     weights.RANDOM_NOTE)
-  trainer = state = student = None
+  trainer = state = student = parallel = None
   decoder = "exact"
   if fid.samples is None:
-    decoder = rundir.decoder(config, workdir)
-    if decoder == "student":
-      # The distilled student decodes, with the prior of the teacher step it was distilled from.
+    if rundir.decoder(config, workdir) == "student" or sample.wants_student(config.sample):
+      # The distilled student decodes (or starts the Jacobi inverse), with the prior of the
+      # teacher step it was distilled from.
       dist, state, student_state, _ = distill.restore_student(config, workdir)
       trainer = dist.trainer
       student = (dist.student, dist.student_params(student_state))
     else:
       trainer, state = train.restore_latest(config, workdir)
+    parallel = sample.parallel_inverse(config.sample, trainer.model_config)
+    decoder = sample.decoder_name(student is not None, parallel)
     mesh, rules = trainer.mesh, trainer.rules
   else:
     mesh = sharding.make_mesh(config.sharding.mesh)
@@ -261,7 +264,8 @@ def _evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step = int(state.step)
       labels = np.resize(sample.parse_classes(config.sample.classes,
                                               trainer.model_config.num_classes), fid.num_samples)
-      images = trainer.generate(state, labels, student=student)
+      passes = []
+      images = trainer.generate(state, labels, student=student, parallel=parallel, passes=passes)
       num_levels = trainer.model_config.num_levels
       samples_npz = None
       if fid.save_samples:
@@ -301,6 +305,9 @@ def _evaluate_fid(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "is_splits": fid.is_splits, "pr_k": fid.pr_k,
       "samples_npz": samples_npz,
       "decoder": decoder if trainer is not None else None,
+      # (Gauss-Seidel-)Jacobi: the mean AF passes per block over the batches, block 0 first.
+      "inverse_passes_per_block": (np.mean(passes, axis=0).round(2).tolist()
+                                   if parallel is not None and trainer is not None else None),
       "sample": (config.sample.to_dict() | {"labels": "cycle through sample.classes"}
                  if trainer is not None else None),
       "dataset": config.data.name,

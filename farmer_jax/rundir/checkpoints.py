@@ -189,21 +189,27 @@ def has_student(workdir) -> bool:
   return run.checkpoints.exists() and Checkpointer(run, read_only=True).latest_step() is not None
 
 
-def require_student(workdir) -> None:
+def require_student(workdir, fix: str = "set --config.sample.decoder=exact") -> None:
   if not has_student(workdir):
     raise FileNotFoundError(
         f"no distilled student in {RunDir(workdir).distill}: run the distillation phase first "
         f"(python -m farmer_jax.main --config=...,distill --workdir={workdir}, or "
-        f"--config.phase=distill), or set --config.sample.decoder=exact")
+        f"--config.phase=distill), or {fix}")
 
 
 def decoder(config: ml_collections.ConfigDict, workdir) -> str:
-  """`sample.decoder` resolved for the FARMER run in `workdir`: "student" or "exact"."""
-  choice = config.sample.get("decoder", "auto")
+  """`sample.decoder` resolved for the FARMER run in `workdir`: "student" or "exact". "auto"
+  takes the student where there is one, unless `sample.inverse` asks for the parallel exact
+  inverse; a Jacobi start from the student (`sample.jacobi_init`) needs one too."""
+  s = config.sample
+  choice = s.get("decoder", "auto")
   if choice not in DECODERS:
     raise ValueError(f"config.sample.decoder = {choice!r}: must be one of {DECODERS}")
+  parallel = s.get("inverse", "sequential") != "sequential"
   if choice == "student":
     require_student(workdir)
+  if parallel and s.get("jacobi_init", "previous") == "student":
+    require_student(workdir, "set --config.sample.jacobi_init=previous")
   if choice == "auto":
-    return "student" if has_student(workdir) else "exact"
+    return "student" if has_student(workdir) and not parallel else "exact"
   return choice
