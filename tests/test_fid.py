@@ -239,3 +239,14 @@ def test_invalid_fid_config_names_the_field(field, value):
   c.fid[field] = value
   with pytest.raises(ValueError, match=rf"config\.fid\.{field}"):
     config_check.validate(c)
+
+
+def test_fid_mode_with_the_jacobi_inverse_records_its_passes(tiny_workdir):
+  workdir, c = tiny_workdir
+  jacobi = fid_config(c.copy_and_resolve_references())
+  jacobi.sample.inverse = "jacobi"
+  jacobi.fid.update(samples=None, reference="tfds:test", save_samples=False)
+  result = fid_mode.evaluate_fid(jacobi, workdir)
+  assert result["decoder"] == "jacobi" and np.isfinite(result["fid"])
+  # At initialisation every AF block is the identity: the first pass from its input moves nothing.
+  assert result["inverse_passes_per_block"] == [1.0, 1.0]
