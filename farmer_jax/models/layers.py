@@ -260,13 +260,15 @@ class Attention(nn.Module):
     if self.width % self.head_dim:
       raise ValueError(f"width {self.width} is not a multiple of head_dim {self.head_dim}")
     heads = self.width // self.head_dim
-    # [W, 3 (q, k, v), H, K]: fan-in W for each of the three, as three separate projections.
-    w_in = nn.initializers.lecun_normal(in_axis=0, out_axis=(2, 3), batch_axis=(1,))
-    kernel = self.param("qkv", param_init(w_in, EMBED, None, HEADS, HEAD_DIM),
-                        (self.width, 3, heads, self.head_dim))
+    # [3 (q, k, v), H, K, W]: fan-in W for each of the three, as three separate projections. W
+    # last is the layout XLA's CPU matmul takes for this product: stored otherwise, the kernel
+    # is transposed on every call, which inside the decoding loop is every token.
+    w_in = nn.initializers.lecun_normal(in_axis=3, out_axis=(1, 2), batch_axis=(0,))
+    kernel = self.param("qkv", param_init(w_in, None, HEADS, HEAD_DIM, EMBED),
+                        (3, heads, self.head_dim, self.width))
     bias = self.param("qkv_bias", param_init(nn.initializers.zeros, None, HEADS, HEAD_DIM),
                       (3, heads, self.head_dim))
-    qkv_3xBxHxTxK = jnp.einsum("btw,wchk->cbhtk", x_BxTxW.astype(self.dtype),
+    qkv_3xBxHxTxK = jnp.einsum("btw,chkw->cbhtk", x_BxTxW.astype(self.dtype),
                                kernel.astype(self.dtype))
     qkv_3xBxHxTxK = qkv_3xBxHxTxK + bias.astype(self.dtype)[:, None, :, None, :]
     qkv_3xBxHxTxK = constrain(qkv_3xBxHxTxK, None, ACT_BATCH, ACT_HEADS, ACT_SEQ, None)
