@@ -1,7 +1,13 @@
-r"""Sampling speed of FARMER: KV caches against prefix recomputation, guided against unguided.
+r"""Sampling speed of FARMER: KV caches against prefix recomputation, guided against unguided;
+with --inverses, the parallel AF inverses (Jacobi, Gauss-Seidel-Jacobi) against the sequential one.
 
     python benchmarks/sampling.py [--tokens=64,256] [--batch=16] [--reps=7] [--budget_s=8] \
         [--out=FILE]
+    python benchmarks/sampling.py --inverses [--tokens=64,256] [--widths=64,768] [--batches=1,16] \
+        [--tolerances=1e-3,1e-2] [--segments=4,16] [--out=FILE]
+    python benchmarks/sampling.py --inverses --digits_workdir=W [--per_class=50] [--out=FILE]
+
+The --inverses figures are described in `bench_inverses` and `bench_digits_inverses` below.
 
 One tiny model per token count (image 16x16 or 32x32, patch 2, 3 channels -> d = 12, d_I = 4;
 4 AF blocks of 2 layers, width 64; prior of 2 layers, width 64; head_dim 32; M = 4, K_I = K_R = 8;
@@ -32,6 +38,7 @@ excluded), then the median over a few `jax.block_until_ready` repetitions, divid
 Progress goes to stderr; the last line of stdout is one JSON object {"device", "batch", "configs"}.
 """
 import argparse
+import dataclasses
 import math
 import os
 import statistics
@@ -40,10 +47,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from farmer_jax import metrics  # noqa: E402
-from farmer_jax.models import farmer, prior  # noqa: E402
+from farmer_jax import metrics, sample  # noqa: E402
+from farmer_jax.models import farmer, flow, prior  # noqa: E402
 
 PATCH = 2
 PERTURB_STD = 0.05
@@ -55,27 +63,39 @@ def log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def model_config(tokens: int) -> farmer.ModelConfig:
+def model_config(tokens: int, af_width: int = 64) -> farmer.ModelConfig:
   side = math.isqrt(tokens)
   if side * side != tokens:
     raise ValueError(f"--tokens: {tokens} is not a square number (tokens = (image_size / 2)^2)")
   c = farmer.ModelConfig(
       image_size=side * PATCH, channels=3, num_classes=10, num_levels=256, patch_size=PATCH,
-      af_blocks=4, af_layers=2, af_width=64, prior_layers=2, prior_width=64, d_informative=4,
-      class_repeat=4, k_informative=8, k_redundant=8, head_dim=32)
+      af_blocks=4, af_layers=2, af_width=af_width, prior_layers=2, prior_width=64,
+      d_informative=4, class_repeat=4, k_informative=8, k_redundant=8,
+      head_dim=32 if af_width <= 64 else 64)
   c.validate()
   return c
 
 
-def random_params(model: farmer.Farmer, c: farmer.ModelConfig, seed: int = 0):
-  """Flax init plus N(0, PERTURB_STD^2) on every leaf: zero-initialised AF heads become non-zero."""
+def random_params(model: farmer.Farmer, c: farmer.ModelConfig, seed: int = 0,
+                  width_free_heads: bool = False):
+  """Flax init plus N(0, PERTURB_STD^2) on every leaf: zero-initialised AF heads become non-zero.
+
+  `width_free_heads`: the AF heads' noise is PERTURB_STD * sqrt(64 / af_width) instead, so that
+  every block's shift and log-scale have the same spread at any width (std about 0.4, as at width
+  64, where the trained digits default's are 0.2-0.5); at a full PERTURB_STD a 768-wide head gives
+  them std 1.2-1.4, a flow far stronger than trained ones."""
   k_init, k_noise = jax.random.split(jax.random.key(seed))
   images = jnp.zeros((1, c.image_size, c.image_size, c.channels), jnp.float32)
   params = model.init(k_init, images, jnp.zeros((1,), jnp.int32))["params"]
-  leaves, treedef = jax.tree.flatten(params)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   noise_keys = jax.random.split(k_noise, len(leaves))
-  return treedef.unflatten([p + PERTURB_STD * jax.random.normal(k, p.shape, p.dtype)
-                            for p, k in zip(leaves, noise_keys)])
+  head_std = PERTURB_STD * math.sqrt(64 / c.af_width) if width_free_heads else PERTURB_STD
+
+  def std(path) -> float:
+    names = [getattr(k, "key", "") for k in path]
+    return head_std if names[0] == "flow" and "head" in names else PERTURB_STD
+  return treedef.unflatten([p + std(path) * jax.random.normal(k, p.shape, p.dtype)
+                            for (path, p), k in zip(leaves, noise_keys)])
 
 
 def timed(name: str, fn, *args, reps: int, budget_s: float, min_reps: int = 2):
@@ -168,6 +188,208 @@ def bench_config(tokens: int, batch: int, reps: int, budget_s: float) -> dict:
   return r
 
 
+# ---------------------------------------------------------------------------------------------
+# --inverses: the parallel AF inverses (models/flow.py `inverse_parallel`, docs/jacobi.md).
+# ---------------------------------------------------------------------------------------------
+
+
+def inverse_variants(tolerances, segments, tokens: int) -> dict[str, flow.ParallelInverse]:
+  """The parallel inverses timed per synthetic config: Jacobi from each block's input at every
+  tolerance, from the latent z at the first, Gauss-Seidel-Jacobi at each segment count (< tokens)
+  at the first, and one pass per block (untimed quality: the cost of a pass)."""
+  t0 = tolerances[0]
+  out = {f"jacobi_tol{t:g}": flow.ParallelInverse("jacobi", tolerance=t) for t in tolerances}
+  out[f"jacobi_z_tol{t0:g}"] = flow.ParallelInverse("jacobi", tolerance=t0, init="z")
+  for g in segments:
+    if g < tokens:
+      out[f"gs_jacobi{g}_tol{t0:g}"] = flow.ParallelInverse("gs_jacobi", (g,), t0)
+  out["one_pass"] = flow.ParallelInverse("jacobi", max_iterations=1)
+  return out
+
+
+def level_agreement(images, reference, num_levels: int) -> dict:
+  """max |images - reference| in [-1, 1] units, and the fractions of pixels on the same level and
+  within one level of the reference's (uint8 quantisation of `sample.quantize`)."""
+  a = sample.quantize(np.asarray(images), num_levels).astype(np.int32)
+  b = sample.quantize(np.asarray(reference), num_levels).astype(np.int32)
+  return {"max_abs_diff": round(float(np.max(np.abs(np.asarray(images) - np.asarray(reference)))), 6),
+          "same_level_fraction": round(float(np.mean(a == b)), 6),
+          "within_one_level_fraction": round(float(np.mean(np.abs(a - b) <= 1)), 6)}
+
+
+def pass_work(spec: flow.ParallelInverse, passes, tokens: int) -> list[float]:
+  """Passes per block in full-block-pass units: a Gauss-Seidel-Jacobi pass covers one segment."""
+  seg = [-(-tokens // spec.block_segments(t)) for t in range(len(passes))]
+  return [round(float(p) * s / tokens, 2) for p, s in zip(passes, seg)]
+
+
+def bench_inverses(tokens: int, width: int, batch: int, tolerances, segments, reps: int,
+                   budget_s: float, width_free_heads: bool = True) -> dict:
+  """The sequential and parallel AF inverses of one random-weight model (`model_config(tokens,
+  width)`, `random_params` with `width_free_heads`) on the same prior latents, each jitted on its
+  own:
+
+    sequential_s_per_img   Farmer.decode, the KV-cached sequential inverse (N steps per block)
+    <variant>.s_per_img    Farmer.decode_parallel with that ParallelInverse (inverse_variants)
+    <variant>.speedup      sequential_s_per_img / s_per_img
+    <variant>.passes       Transformer passes each AF block made (block 0 first)
+    <variant>.work         the same in full passes over the block's N tokens (`pass_work`)
+    <variant>.max_abs_diff, same_level_fraction, within_one_level_fraction: against the
+                           sequential decode, images clipped to [-1, 1], 256 levels
+    pass_s_per_img         one full causal pass of one block (from `one_pass`: n blocks x 1 pass)
+    break_even_passes      sequential time / pass time / n: passes per block below which a
+                           parallel inverse is faster on this machine
+  """
+  c = model_config(tokens, width)
+  model = farmer.Farmer(c)
+  params = random_params(model, c, width_free_heads=width_free_heads)
+  af_params = sum(p.size for p in jax.tree.leaves(params["flow"]))
+  log(f"[inverses: {tokens} tokens, AF width {width}, batch {batch}] {af_params:,} AF params")
+  labels = jnp.arange(batch, dtype=jnp.int32) % c.num_classes
+  variables = {"params": params}
+  z = jax.jit(lambda v, k, y: model.apply(v, k, y, UNGUIDED, method=farmer.Farmer.sample_latents))(
+      variables, jax.random.key(1), labels)
+  decode = jax.jit(lambda v, z, y: jnp.clip(model.apply(v, z, y, method=farmer.Farmer.decode),
+                                            -1.0, 1.0))
+  seq_img, seq_s, _ = timed("sequential", decode, variables, z, labels, reps=reps,
+                            budget_s=budget_s)
+  r = {"tokens": tokens, "af_width": width, "batch": batch, "width_free_heads": width_free_heads,
+       "af_blocks": c.af_blocks,
+       "af_layers": c.af_layers, "af_params": int(af_params),
+       "sequential_s_per_img": round(seq_s / batch, 6), "variants": {}}
+  for name, spec in inverse_variants(tolerances, segments, tokens).items():
+    fn = jax.jit(lambda v, z, y, spec=spec: model.apply(
+        v, z, y, spec, method=farmer.Farmer.decode_parallel))
+    if name == "one_pass":   # a cost probe, not an inverse: timed but not judged
+      _, pass_s, _ = timed(name, fn, variables, z, labels, reps=reps, budget_s=budget_s)
+      r["pass_s_per_img"] = round(pass_s / batch / c.af_blocks, 6)
+      r["break_even_passes"] = round(seq_s / pass_s, 2)   # (seq / n) / (pass_s / n)
+      continue
+    (images, passes), t, _ = timed(name, fn, variables, z, labels, reps=reps, budget_s=budget_s)
+    v = {"method": spec.method, "segments": spec.segments[0], "tolerance": spec.tolerance,
+         "init": spec.init, "s_per_img": round(t / batch, 6), "speedup": round(seq_s / t, 3),
+         "passes": np.asarray(passes).tolist(),
+         "work": pass_work(spec, np.asarray(passes), tokens),
+         **level_agreement(jnp.clip(images, -1.0, 1.0), seq_img, c.num_levels)}
+    r["variants"][name] = v
+    log(f"  -> {name}: {v['speedup']:.2f}x, passes {v['passes']}, same level "
+        f"{v['same_level_fraction']:.4f}, max |diff| {v['max_abs_diff']:.2e}")
+  return r
+
+
+def bench_digits_inverses(workdir: str, tolerances, per_class: int, reps: int, budget_s: float,
+                          spread_seeds: int) -> dict:
+  """The trained digits default of `workdir` (configs/digits.py; its distilled student in
+  <workdir>/distill when there is one), on prior latents drawn with the config's sampler:
+
+    speed[batch]    s/img of each decoder on the same latents at batch 1 and the config's
+                    sample batch (100), and the speedup over the sequential inverse
+    quality[name]   on `per_class` x 10 latents (key 0): passes per block (mean over batches of
+                    100), max abs difference and same-level fractions against the sequential
+                    decode (17 levels), class accuracy (the SVC of digits_guidance.py) and the
+                    Frechet distance of 64-pixel Gaussians (afm_digits.py) to the test split
+    spread          class accuracy and Frechet distance of the sequential decode with sampling
+                    keys 1 .. spread_seeds: the run-to-run spread the others are judged against
+  Decoders: sequential, student (alone), and Jacobi / Gauss-Seidel-Jacobi (4 segments) at each
+  tolerance started from each block's input ("previous"), z, and the student.
+  """
+  from afm_digits import frechet  # noqa: PLC0415 (scipy; --digits_workdir only)
+  from digits_guidance import judge  # noqa: PLC0415 (scikit-learn)
+  from configs import digits  # noqa: PLC0415
+  from farmer_jax import distill, input_pipeline, rundir, train  # noqa: PLC0415
+
+  config = digits.get_config("default")
+  student = None
+  if rundir.has_student(workdir):
+    dist, state, student_state, info = distill.restore_student(digits.get_config("distill"),
+                                                               workdir)
+    trainer, student = dist.trainer, (dist.student, dist.student_params(student_state))
+  else:
+    trainer, state = train.restore_latest(config, workdir)
+  model, params, c = trainer.model, trainer.eval_params(state), trainer.model_config
+  sampler = sample.sampler_config(config.sample)
+  decoders = {"sequential": None}
+  if student is not None:
+    decoders["student"] = "student"
+  for tol in tolerances:
+    for init in ("previous", "z") + (("student",) if student is not None else ()):
+      decoders[f"jacobi_{init}_tol{tol:g}"] = flow.ParallelInverse("jacobi", tolerance=tol,
+                                                                   init=init)
+    decoders[f"gs_jacobi4_previous_tol{tol:g}"] = flow.ParallelInverse("gs_jacobi", (4,), tol)
+  student_flow, student_params = student if student is not None else (None, None)
+
+  def decoder_fn(spec):
+    if spec is None:
+      return lambda z, y: (model.apply({"params": params}, z, y, method=farmer.Farmer.decode),
+                           jnp.zeros((0,), jnp.int32))
+    if spec == "student":
+      def run(z, y):
+        x = student_flow.apply({"params": student_params}, z, y, method=flow.Flow.student_inverse)
+        return farmer.unpatchify(x, c.patch_size, c.image_size, c.channels), jnp.zeros((0,), jnp.int32)
+      return run
+    return lambda z, y: sample.decode_parallel(model, params, z, y, spec, student_flow,
+                                               student_params)
+
+  def clipped(f):
+    def run(z, y):
+      images, passes = f(z, y)
+      return jnp.clip(images, -1.0, 1.0), passes
+    return run
+
+  fns = {name: jax.jit(clipped(decoder_fn(spec))) for name, spec in decoders.items()}
+  latents = jax.jit(lambda k, y: model.apply({"params": params}, k, y, sampler,
+                                             method=farmer.Farmer.sample_latents))
+  result = {"workdir": workdir, "step": int(state.step), "sampler": str(sampler),
+            "student": student is not None, "speed": {}, "quality": {}}
+  with jax.set_mesh(trainer.mesh):
+    for batch in (1, config.sample.batch_size):
+      y = jnp.arange(batch, dtype=jnp.int32) % 10
+      z = latents(jax.random.key(1), y)
+      seconds = {}
+      for name in decoders:
+        _, seconds[name], _ = timed(f"{name} b{batch}", fns[name], z, y, reps=reps,
+                                    budget_s=budget_s)
+      result["speed"][f"batch{batch}"] = {
+          name: {"s_per_img": round(t / batch, 7), "speedup": round(seconds["sequential"] / t, 3)}
+          for name, t in seconds.items()}
+
+    clf, real_acc = judge()
+    x_test, _ = input_pipeline.load_digits_split("test")
+    real = x_test.reshape(len(x_test), -1) / 16.0
+    labels = sample.grid_labels(np.arange(10), per_class)
+    bs = config.sample.batch_size
+
+    def decode_all(name, key):
+      images, passes = [], []
+      for start in range(0, len(labels), bs):
+        y = jnp.asarray(np.resize(labels[start:start + bs], bs).astype(np.int32))
+        im, p = fns[name](latents(jax.random.fold_in(key, start), y), y)
+        images.append(np.asarray(im)[:len(labels[start:start + bs])])
+        passes.append(np.asarray(p))
+      return np.concatenate(images), np.asarray(passes)
+
+    def judged(images):
+      flat = sample.quantize(images, 17).reshape(len(images), -1) / 16.0
+      return {"class_accuracy": round(float(np.mean(clf.predict(flat) == labels)), 4),
+              "frechet_distance": round(frechet(flat, real), 4)}
+
+    reference, _ = decode_all("sequential", jax.random.key(0))
+    for name in decoders:
+      images, passes = (reference, None) if name == "sequential" else decode_all(
+          name, jax.random.key(0))
+      q = {**judged(images), **level_agreement(images, reference, 17)}
+      if passes is not None and passes.size:
+        q["passes"] = np.round(passes.mean(axis=0), 2).tolist()
+        q["work"] = pass_work(decoders[name], passes.mean(axis=0), c.num_tokens)
+      result["quality"][name] = q
+      log(f"  {name:<28} {q}")
+    spread = [judged(decode_all("sequential", jax.random.key(s))[0])
+              for s in range(1, spread_seeds + 1)]
+    result["spread"] = {"keys": list(range(1, spread_seeds + 1)), "runs": spread}
+  result.update(judge_test_accuracy=real_acc, num_samples=int(len(labels)))
+  return result
+
+
 def parser_with_common_args(description: str, batch_default: int,
                             batch_help: str) -> argparse.ArgumentParser:
   """--tokens, --batch, --reps, --budget_s, --out: the flags every speed benchmark here takes."""
@@ -182,6 +404,14 @@ def parser_with_common_args(description: str, batch_default: int,
   return parser
 
 
+def describe_device() -> str:
+  """The first device and the host's cores (logged with jax's version and the load) -> a line."""
+  dev = jax.devices()[0]
+  device = f"{dev.platform}: {dev.device_kind}, {os.cpu_count()} host cores"
+  log(f"{device}; jax {jax.__version__}; load average {os.getloadavg()[0]:.2f}")
+  return device
+
+
 def run_benchmark(parser: argparse.ArgumentParser, argv, check_tokens, bench) -> dict:
   """Parses the flags, checks every token count (`check_tokens(t, args)` raises on a bad one)
   before any timing, runs `bench(t, args)` per count and prints the JSON result line."""
@@ -192,9 +422,7 @@ def run_benchmark(parser: argparse.ArgumentParser, argv, check_tokens, bench) ->
   for t in tokens:
     check_tokens(t, args)
   start = time.perf_counter()
-  dev = jax.devices()[0]
-  device = f"{dev.platform}: {dev.device_kind}, {os.cpu_count()} host cores"
-  log(f"{device}; jax {jax.__version__}; load average {os.getloadavg()[0]:.2f}")
+  device = describe_device()
   configs = [bench(t, args) for t in tokens]
   result = {"device": device, "batch": args.batch, "configs": configs,
             "wall_s": round(time.perf_counter() - start, 1)}
@@ -202,10 +430,54 @@ def run_benchmark(parser: argparse.ArgumentParser, argv, check_tokens, bench) ->
   return result
 
 
+def floats(text: str) -> list[float]:
+  return [float(v) for v in text.split(",") if v.strip()]
+
+
+def ints(text: str) -> list[int]:
+  return [int(v) for v in text.split(",") if v.strip()]
+
+
 def main(argv=None) -> dict:
   parser = parser_with_common_args(__doc__.splitlines()[0], 16, "images per sampling call")
-  return run_benchmark(parser, argv, lambda t, args: model_config(t),
-                       lambda t, args: bench_config(t, args.batch, args.reps, args.budget_s))
+  parser.add_argument("--inverses", action="store_true",
+                      help="time the parallel AF inverses instead (bench_inverses)")
+  parser.add_argument("--widths", default="64,768", help="--inverses: AF widths")
+  parser.add_argument("--batches", default="1,16", help="--inverses: batch sizes")
+  parser.add_argument("--tolerances", default="1e-3,1e-2",
+                      help="--inverses: Jacobi tolerances ([-1, 1] units)")
+  parser.add_argument("--segments", default="4,16", help="--inverses: Gauss-Seidel-Jacobi counts")
+  parser.add_argument("--full_head_noise", action="store_true",
+                      help="--inverses: AF heads perturbed like every other weight (std 0.05) "
+                           "instead of the width-free scale (random_params)")
+  parser.add_argument("--digits_workdir", default=None,
+                      help="--inverses: the trained digits default (and its student) instead")
+  parser.add_argument("--per_class", type=int, default=50, help="--digits_workdir: judged samples")
+  parser.add_argument("--spread_seeds", type=int, default=3,
+                      help="--digits_workdir: sequential runs with other keys (the spread)")
+  args = parser.parse_known_args(argv)[0]
+  if not args.inverses:
+    return run_benchmark(parser, argv, lambda t, args: model_config(t),
+                         lambda t, args: bench_config(t, args.batch, args.reps, args.budget_s))
+  tolerances = floats(args.tolerances)
+  start = time.perf_counter()
+  device = describe_device()
+  if args.digits_workdir:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    result = {"device": device, "digits": bench_digits_inverses(
+        args.digits_workdir, tolerances, args.per_class, args.reps, args.budget_s,
+        args.spread_seeds)}
+  else:
+    tokens = ints(args.tokens)
+    for t in tokens:
+      model_config(t)
+    configs = [bench_inverses(t, w, b, tolerances, ints(args.segments), args.reps, args.budget_s,
+                              width_free_heads=not args.full_head_noise)
+               for t in tokens for w in ints(args.widths) for b in ints(args.batches)]
+    result = {"device": device, "configs": configs}
+  result["wall_s"] = round(time.perf_counter() - start, 1)
+  metrics.print_json_line(result, args.out)
+  return result
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 Gauss-Seidel-Jacobi against the sequential inverse, the iteration cap, the config's checks, and
 the sharded sampler. The trained-model checks (equality, the student's start) are in
 test_distill.py, which trains and distils the tiny digits model once."""
+import os
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -166,3 +169,17 @@ def test_sharded_parallel_sampler_equals_one_device():
   np.testing.assert_array_equal(passes_mesh, passes_one)
   np.testing.assert_allclose(one, seq, atol=1e-4)
   assert float(np.std(one)) > 0.05
+
+
+def test_inverse_benchmark_reports_every_figure():
+  """benchmarks/sampling.py --inverses on a 4-token model: every figure it documents, and the
+  tolerance-0 variant on the sequential decode's levels."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+  import sampling  # noqa: PLC0415
+  r = sampling.bench_inverses(4, 64, 2, [0.0], [], reps=2, budget_s=0.0)
+  assert r["sequential_s_per_img"] > 0 and r["pass_s_per_img"] > 0 and r["break_even_passes"] > 0
+  assert sorted(r["variants"]) == ["jacobi_tol0", "jacobi_z_tol0"]
+  for v in r["variants"].values():
+    assert v["s_per_img"] > 0 and v["speedup"] > 0
+    assert len(v["passes"]) == 4 and max(v["passes"]) <= 4 and v["work"] == v["passes"]
+    assert v["same_level_fraction"] == 1.0 and v["max_abs_diff"] < 1e-4
