@@ -173,7 +173,7 @@ class AffineBlock(nn.Module):
   def inverse(self, z_BxNxD: jax.Array, labels_B: jax.Array | None = None) -> jax.Array:
     """Exact sequential inverse with a KV cache: one Transformer pass of one token per step.
 
-    A `lax.scan` over positions carries preallocated per-layer keys / values [B, N, H, K]; step j
+    A `lax.scan` over positions carries preallocated per-layer keys / values [B, H, N, K]; step j
     feeds the token decoded at step j - 1 (or the start vector) at position j and decodes the next
     token from the parameters it emits. N steps of O(N) attention instead of N full passes.
     """
