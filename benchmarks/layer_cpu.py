@@ -8,12 +8,15 @@ r"""Where a CPU train step's time goes, one Transformer layer at a time, and two
 For each config (`C64`: batch 64, 64 tokens, width 128; `C256`: batch 64, 256 tokens, width 256,
 the two configs of benchmarks/peer_tarflow.py) it times forward + backward of the output's product
 with a fixed cotangent (compile excluded): one causal `TransformerLayer`, its `Attention`, its
-`MLP` and one layer norm, and the layer's forward alone. With `--compare` (another checkout) or `--compare_xla_flags` (flags
+`MLP` and one layer norm, and the layer's forward alone; and the project's whole train step on that
+config (`train_step`: 4 blocks of such layers, the smallest prior, AdamW and EMA, as
+benchmarks/peer_tarflow.py builds it). With `--compare` (another checkout) or `--compare_xla_flags` (flags
 added to XLA_FLAGS), each side runs in its own long-lived worker process (the same script, imported
 from that checkout) and the calls interleave A/B/B/A; the JSON gives both medians and their ratio
 (this / other). Synthetic inputs (timing only).
 """
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -25,7 +28,7 @@ CONFIGS = {   # batch, tokens, width
     "C64": (64, 64, 128),
     "C256": (64, 256, 256),
 }
-PIECES = ("layer", "layer_forward", "attention", "mlp", "layer_norm")
+PIECES = ("train_step", "layer", "layer_forward", "attention", "mlp", "layer_norm")
 
 
 def build(config: str, smoke: bool):
@@ -57,6 +60,15 @@ def build(config: str, smoke: bool):
     if name == "layer":
       forward = jax.jit(lambda p, x, module=module: out(module.apply(p, x)))
       fns["layer_forward"] = lambda params=params: jax.block_until_ready(forward(params, x))
+  # The project's whole train step (AdamW, EMA, prior) at the same config, as peer_tarflow.py
+  # builds it: what the parts add up to.
+  spec = importlib.util.spec_from_file_location(
+      "peer_tarflow", os.path.join(os.path.dirname(os.path.abspath(__file__)), "peer_tarflow.py"))
+  peer = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(peer)
+  shape = (peer.SMOKE["smoke"] if smoke else peer.CONFIGS[config])
+  _, figures = peer.farmer_jax_system(shape, None)
+  fns["train_step"] = figures["train"]
   for fn in fns.values():   # compile and warm up
     fn()
     fn()

@@ -121,7 +121,8 @@ def test_layer_cpu_times_every_piece_on_both_sides():
   for side in ("this", "other"):
     for config in ("C64", "C256"):
       pieces = result["median_s"][side][config]
-      assert set(pieces) == {"layer", "layer_forward", "attention", "mlp", "layer_norm"}
+      assert set(pieces) == {"train_step", "layer", "layer_forward", "attention", "mlp",
+                             "layer_norm"}
       assert all(positive_finite(s) for s in pieces.values()), (side, config, pieces)
   ratios = result["ratio_this_over_other"]["C256"]
   assert all(math.isclose(ratios[p], result["median_s"]["this"]["C256"][p]
