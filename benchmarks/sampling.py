@@ -207,6 +207,24 @@ def inverse_variants(tolerances, segments, tokens: int) -> dict[str, flow.Parall
   return out
 
 
+def paired(name: str, reference_fn, fn, *args, reps: int, budget_s: float, min_reps: int = 2):
+  """(output of fn, its median seconds, median of the per-pair ratios reference / fn) of two
+  compiled functions called alternately, a warm-up each first: on a shared machine both calls of a
+  pair meet about the same load, so the ratio is steadier than a ratio of separate medians."""
+  jax.block_until_ready(reference_fn(*args))
+  out = jax.block_until_ready(fn(*args))
+  ref_times, times = [], []
+  while len(times) < reps and (len(times) < min_reps or sum(times) + sum(ref_times) < budget_s):
+    for fun, into in ((reference_fn, ref_times), (fn, times)):
+      start = time.perf_counter()
+      jax.block_until_ready(fun(*args))
+      into.append(time.perf_counter() - start)
+  ratio = statistics.median(r / t for r, t in zip(ref_times, times))
+  log(f"    {name:<24} {statistics.median(times) * 1e3:9.1f} ms/batch, {ratio:.2f}x the reference "
+      f"(median of {len(times)} pairs: {', '.join(f'{r / t:.2f}' for r, t in zip(ref_times, times))})")
+  return out, statistics.median(times), ratio
+
+
 def level_agreement(images, reference, num_levels: int) -> dict:
   """max |images - reference| in [-1, 1] units, and the fractions of pixels on the same level and
   within one level of the reference's (uint8 quantisation of `sample.quantize`)."""
@@ -227,19 +245,22 @@ def bench_inverses(tokens: int, width: int, batch: int, tolerances, segments, re
                    budget_s: float, width_free_heads: bool = True) -> dict:
   """The sequential and parallel AF inverses of one random-weight model (`model_config(tokens,
   width)`, `random_params` with `width_free_heads`) on the same prior latents, each jitted on its
-  own:
+  own, each variant timed in pairs with the sequential inverse (`paired`):
 
     sequential_s_per_img   Farmer.decode, the KV-cached sequential inverse (N steps per block)
     <variant>.s_per_img    Farmer.decode_parallel with that ParallelInverse (inverse_variants)
-    <variant>.speedup      sequential_s_per_img / s_per_img
+    <variant>.speedup      the median over pairs of sequential time / variant time
     <variant>.passes       Transformer passes each AF block made (block 0 first)
     <variant>.work         the same in full passes over the block's N tokens (`pass_work`)
     <variant>.max_abs_diff, same_level_fraction, within_one_level_fraction: against the
                            sequential decode, images clipped to [-1, 1], 256 levels
+    load_average           the host's 1-minute load when the config started and ended (2 cores:
+                           above about 1.5, other work shared the machine and the figures)
     pass_s_per_img         one full causal pass of one block (from `one_pass`: n blocks x 1 pass)
-    break_even_passes      sequential time / pass time / n: passes per block below which a
-                           parallel inverse is faster on this machine
+    break_even_passes      the paired ratio sequential / one_pass: passes per block below which
+                           a parallel inverse is faster on this machine
   """
+  load_start = os.getloadavg()[0]
   c = model_config(tokens, width)
   model = farmer.Farmer(c)
   params = random_params(model, c, width_free_heads=width_free_heads)
@@ -260,20 +281,21 @@ def bench_inverses(tokens: int, width: int, batch: int, tolerances, segments, re
   for name, spec in inverse_variants(tolerances, segments, tokens).items():
     fn = jax.jit(lambda v, z, y, spec=spec: model.apply(
         v, z, y, spec, method=farmer.Farmer.decode_parallel))
+    (images, passes), t, ratio = paired(name, decode, fn, variables, z, labels, reps=reps,
+                                        budget_s=budget_s)
     if name == "one_pass":   # a cost probe, not an inverse: timed but not judged
-      _, pass_s, _ = timed(name, fn, variables, z, labels, reps=reps, budget_s=budget_s)
-      r["pass_s_per_img"] = round(pass_s / batch / c.af_blocks, 6)
-      r["break_even_passes"] = round(seq_s / pass_s, 2)   # (seq / n) / (pass_s / n)
+      r["pass_s_per_img"] = round(t / batch / c.af_blocks, 6)
+      r["break_even_passes"] = round(ratio, 2)   # (sequential / n) / (one pass / n)
       continue
-    (images, passes), t, _ = timed(name, fn, variables, z, labels, reps=reps, budget_s=budget_s)
     v = {"method": spec.method, "segments": spec.segments[0], "tolerance": spec.tolerance,
-         "init": spec.init, "s_per_img": round(t / batch, 6), "speedup": round(seq_s / t, 3),
+         "init": spec.init, "s_per_img": round(t / batch, 6), "speedup": round(ratio, 3),
          "passes": np.asarray(passes).tolist(),
          "work": pass_work(spec, np.asarray(passes), tokens),
          **level_agreement(jnp.clip(images, -1.0, 1.0), seq_img, c.num_levels)}
     r["variants"][name] = v
     log(f"  -> {name}: {v['speedup']:.2f}x, passes {v['passes']}, same level "
         f"{v['same_level_fraction']:.4f}, max |diff| {v['max_abs_diff']:.2e}")
+  r["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
   return r
 
 
@@ -283,7 +305,7 @@ def bench_digits_inverses(workdir: str, tolerances, per_class: int, reps: int, b
   <workdir>/distill when there is one), on prior latents drawn with the config's sampler:
 
     speed[batch]    s/img of each decoder on the same latents at batch 1 and the config's
-                    sample batch (100), and the speedup over the sequential inverse
+                    sample batch (100), and its speedup over the sequential inverse (`paired`)
     quality[name]   on `per_class` x 10 latents (key 0): passes per block (mean over batches of
                     100), max abs difference and same-level fractions against the sequential
                     decode (17 levels), class accuracy (the SVC of digits_guidance.py) and the
@@ -345,13 +367,12 @@ def bench_digits_inverses(workdir: str, tolerances, per_class: int, reps: int, b
     for batch in (1, config.sample.batch_size):
       y = jnp.arange(batch, dtype=jnp.int32) % 10
       z = latents(jax.random.key(1), y)
-      seconds = {}
+      speed = {}
       for name in decoders:
-        _, seconds[name], _ = timed(f"{name} b{batch}", fns[name], z, y, reps=reps,
-                                    budget_s=budget_s)
-      result["speed"][f"batch{batch}"] = {
-          name: {"s_per_img": round(t / batch, 7), "speedup": round(seconds["sequential"] / t, 3)}
-          for name, t in seconds.items()}
+        _, t, ratio = paired(f"{name} b{batch}", fns["sequential"], fns[name], z, y, reps=reps,
+                             budget_s=budget_s)
+        speed[name] = {"s_per_img": round(t / batch, 7), "speedup": round(ratio, 3)}
+      result["speed"][f"batch{batch}"] = speed
 
     clf, real_acc = judge()
     x_test, _ = input_pipeline.load_digits_split("test")
@@ -386,7 +407,8 @@ def bench_digits_inverses(workdir: str, tolerances, per_class: int, reps: int, b
     spread = [judged(decode_all("sequential", jax.random.key(s))[0])
               for s in range(1, spread_seeds + 1)]
     result["spread"] = {"keys": list(range(1, spread_seeds + 1)), "runs": spread}
-  result.update(judge_test_accuracy=real_acc, num_samples=int(len(labels)))
+  result.update(judge_test_accuracy=real_acc, num_samples=int(len(labels)),
+                load_average_end=round(os.getloadavg()[0], 2))
   return result
 
 
