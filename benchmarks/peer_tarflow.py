@@ -16,7 +16,9 @@ the given path; torch.set_num_threads(--torch_threads), 2 by default; XLA uses e
 2 on the machines this was written for). The driver sends one JSON line per request and reads one
 back; each worker times its own call. A figure starts with one untimed call per system (JAX's
 compilation, torch's allocator warm-up: reported as `first_call_s`), then `--repeats` timed calls
-per system in the order A B, B A, A B, ... (so neither always goes first), and reports medians.
+per system in the order A B, B A, A B, ... (so neither always goes first), `--pause` seconds apart
+(default 0; 0.5 s, time for the threads of the call before to stop spinning, changed nothing
+measurable: docs/cpu.md), and reports medians.
 Each call also reports the cores its process kept busy (CPU time / wall time, every thread) and
 those other processes did (/proc/stat's busy time less ours). Measure on an otherwise idle
 machine: a config during which other processes held more than a quarter of a core gets a
@@ -406,7 +408,8 @@ def median_of(calls: list[dict], value) -> float:
   return statistics.median(value(c) for c in calls)
 
 
-def measure_config(name: str, shape: Shape, workers: dict[str, Worker], repeats: int) -> dict:
+def measure_config(name: str, shape: Shape, workers: dict[str, Worker], repeats: int,
+                   pause: float = 0.0) -> dict:
   systems = list(workers)
   log(f"{name}: {shape}")
   info = {s: w.call(cmd="setup", shape=dataclasses.asdict(shape))["info"]
@@ -419,6 +422,9 @@ def measure_config(name: str, shape: Shape, workers: dict[str, Worker], repeats:
       first[s][figure] = workers[s].call(cmd="run", figure=figure)["seconds"]
     for r in range(repeats):
       for s in (systems if r % 2 == 0 else systems[::-1]):   # A B, B A, A B, ...
+        # The other system's threads (XLA's pool, torch's OpenMP) spin for a while after a
+        # call: a pause keeps that out of the next call's time.
+        time.sleep(pause)
         calls[s][figure].append(workers[s].call(cmd="run", figure=figure))
     log(f"  {figure}: " + ", ".join(
         f"{s} {median_of(calls[s][figure], lambda c: c['seconds']):.4g} s (first call "
@@ -464,6 +470,8 @@ def parse_args(argv):
                       help=f"timed calls per figure and system (default 5; --smoke: "
                            f"{SMOKE_REPEATS})")
   parser.add_argument("--torch_threads", type=int, default=2)
+  parser.add_argument("--pause", type=float, default=0.0,
+                      help="seconds between timed calls (for the last call's threads to settle)")
   parser.add_argument("--smoke", action="store_true", help="tiny sizes: a check that it runs")
   parser.add_argument("--out", help="also write the JSON result here")
   parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -501,13 +509,14 @@ def main(argv=None) -> dict | None:
   start = time.perf_counter()
   workers = start_workers(args.systems, args)
   try:
-    configs = {name: measure_config(name, shape, workers, args.repeats)
+    configs = {name: measure_config(name, shape, workers, args.repeats, args.pause)
                for name, shape in args.shapes.items()}
   finally:
     for worker in workers.values():
       worker.close()
   result = {"benchmark": "peer_tarflow", "systems": args.systems, "repeats": args.repeats,
             "order": "A B, B A, ... per figure; medians; one untimed first call each",
+            "pause_s": args.pause,
             "smoke": args.smoke, "guidance_w": GUIDANCE_W, "torch_threads": args.torch_threads,
             "tarflow": args.tarflow if "tarflow" in args.systems else None,
             "configs": configs, "wall_s": round(time.perf_counter() - start, 1)}
