@@ -173,12 +173,12 @@ def test_the_model_loss_and_sampler_are_the_same_under_each(impl, tmp_path):
 
 
 def test_the_model_loss_through_the_splash_kernel():
-  """At 32x32 in patches of 2 the AF's causal pass (start token, 256 tokens) runs the kernel, and
-  so does the prior's (2 class tokens + 256, padded to 384). The loss and its gradients are
-  einsum's."""
+  """At 16x16 in patches of 2 the AF's causal pass (start token, 64 tokens, padded to one block
+  of 128) runs the kernel, and so does the prior's (2 class tokens + 64, padded to 128). The
+  loss and its gradients are einsum's."""
   c = digits.get_config("tiny")
-  c.data.image_size = 32
-  images = jax.random.uniform(jax.random.key(13), (2, 32, 32, 1), minval=-1.0, maxval=1.0)
+  c.data.image_size = 16
+  images = jax.random.uniform(jax.random.key(13), (2, 16, 16, 1), minval=-1.0, maxval=1.0)
   labels = jnp.array([3, 7])
   ref_model = farmer.Farmer(config_check.validate(c))
   params = ref_model.init({"params": jax.random.key(14), "dropout": jax.random.key(15)}, images,
