@@ -60,7 +60,11 @@ def memory_of_train_step(config: ml_collections.ConfigDict, devices) -> dict:
   """Compiles the train step for `devices` (abstract shapes only) and reads its memory analysis."""
   # The attention kernel (`auto`, splash) is the one of the devices compiled for, not this host's.
   with layers.compiling_for(devices[0].platform):
-    trainer = train.Trainer(config, devices=devices)
+    return _compile_train_step(config, devices)
+
+
+def _compile_train_step(config: ml_collections.ConfigDict, devices) -> dict:
+  trainer = train.Trainer(config, devices=devices)
   t, mesh = config.train, trainer.mesh
   shards = sharding.batch_shards(mesh, trainer.rules)
   micro = t.batch_size // t.grad_accum_steps
@@ -76,11 +80,10 @@ def memory_of_train_step(config: ml_collections.ConfigDict, devices) -> dict:
   start = time.perf_counter()
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(trainer.mesh))
-  with layers.compiling_for(devices[0].platform):
-    attention = layers.resolve_attention(config.model.attention)
   out = {"mesh": dict(trainer.mesh.shape), "device_kind": devices[0].device_kind,
-         "attention": attention, "num_devices": len(devices)}
-  with jax.set_mesh(trainer.mesh), layers.compiling_for(devices[0].platform):
+         "attention": layers.resolve_attention(config.model.attention),
+         "num_devices": len(devices)}
+  with jax.set_mesh(trainer.mesh):
     lowered = trainer.train_step.lower(trainer.abstract_state,
                                        trainer.abstract_batch(config.train.batch_size), key)
     try:

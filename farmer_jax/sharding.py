@@ -77,22 +77,10 @@ def check_rules(rules: Rules, mesh: jax.sharding.Mesh) -> None:
                          f"in config.sharding.mesh {tuple(mesh.axis_names)}")
 
 
-def _axis_size(mesh, axes) -> int:
-  if axes is None:
-    return 1
-  return math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
-
-
-def _fit(spec: P, shape: Sequence[int], mesh) -> P:
-  """Drops the mesh axes of any dimension they do not divide (that dimension stays whole)."""
-  entries = list(spec) + [None] * (len(shape) - len(spec))
-  return P(*(a if d % _axis_size(mesh, a) == 0 else None for a, d in zip(entries, shape)))
-
-
 def logical_sharding(mesh, rules: Rules, names: Sequence[str | None],
                      shape: Sequence[int] | None = None) -> NamedSharding:
   spec = nn.logical_to_mesh_axes(tuple(names), rules)
-  return NamedSharding(mesh, spec if shape is None else _fit(spec, shape, mesh))
+  return NamedSharding(mesh, spec if shape is None else layers.fit_spec(spec, shape, mesh))
 
 
 def _is_box(x) -> bool:
@@ -129,7 +117,7 @@ def batch_sharding(mesh, rules: Rules) -> NamedSharding:
 
 def batch_shards(mesh, rules: Rules) -> int:
   """Into how many pieces the batch is split."""
-  return _axis_size(mesh, batch_sharding(mesh, rules).spec[0])
+  return layers.mesh_axes_size(mesh, batch_sharding(mesh, rules).spec[0])
 
 
 def check_batch_size(global_batch: int, mesh, rules: Rules, field: str) -> None:

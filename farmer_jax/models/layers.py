@@ -62,7 +62,7 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 #                for (this process's backend, or `compiling_for`'s).
 ATTENTION = ("einsum", "dot_product", "splash", "auto")
 _AUTO = {"cpu": "einsum", "gpu": "dot_product", "tpu": "splash"}
-CAUSAL_BLOCK = 64     # query block of the einsum causal pass (see benchmarks/attention_cpu.py)
+CAUSAL_BLOCK = 64     # query block of the einsum causal pass (the fastest on CPU: docs/cpu.md)
 SPLASH_BLOCK = 128    # splash's query and key block: TPU tiles of 128 lanes
 
 _compile_target: list[str] = []
@@ -151,12 +151,19 @@ def _dot_product(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos_T, masked: bool, dtype,
   return jnp.swapaxes(call("xla"), 1, 2)
 
 
-def _mesh_spec(names, shape, mesh) -> jax.sharding.PartitionSpec:
-  """The logical axes' mesh axes under the rules in context, dropping any that do not divide."""
-  spec = nn.logical_to_mesh_axes(tuple(names))
-  size = lambda a: math.prod(mesh.shape[x] for x in ((a,) if isinstance(a, str) else a))
+def mesh_axes_size(mesh, axes) -> int:
+  """Devices along `axes` (one mesh axis name, a tuple of them, or None) of a (abstract) mesh."""
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def fit_spec(spec: jax.sharding.PartitionSpec, shape, mesh) -> jax.sharding.PartitionSpec:
+  """`spec` for an array of `shape`, without the mesh axes of any dimension they do not divide
+  (that dimension stays whole)."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
   return jax.sharding.PartitionSpec(
-      *(a if a is not None and d % size(a) == 0 else None for a, d in zip(spec, shape)))
+      *(a if d % mesh_axes_size(mesh, a) == 0 else None for a, d in zip(entries, shape)))
 
 
 def _splash(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK, causal: bool, dtype) -> jax.Array:
@@ -184,7 +191,7 @@ def _splash(q_BxHxTxK, k_BxHxTxK, v_BxHxTxK, causal: bool, dtype) -> jax.Array:
   if mesh.empty:
     return per_shard(q, k, v)
   # A Pallas kernel is not partitioned by XLA: each device runs it on its own batch and heads.
-  spec = _mesh_spec((ACT_BATCH, ACT_HEADS, None, None), q.shape, mesh)
+  spec = fit_spec(nn.logical_to_mesh_axes((ACT_BATCH, ACT_HEADS, None, None)), q.shape, mesh)
   return jax.shard_map(per_shard, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q, k, v)
 
