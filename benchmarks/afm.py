@@ -34,7 +34,7 @@ from afm_digits import frechet  # noqa: E402
 from digits_guidance import judge  # noqa: E402
 from sampling import log, timed  # noqa: E402
 from configs import afm_farmer_latent  # noqa: E402
-from farmer_jax import afm, input_pipeline, metrics, rundir, sample  # noqa: E402
+from farmer_jax import afm, datasets, metrics, rundir, sample  # noqa: E402
 from farmer_jax.models import prior  # noqa: E402
 
 PATHS = ("ar_exact", "ar_student", "afm_student", "afm_exact", "ar_student_unguided")
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
 
     if args.per_class > 0:
       clf, real_acc = judge()
-      x_test, _ = input_pipeline.load_digits_split("test")
+      x_test, _ = datasets.load_split("digits", "test")
       real = x_test.reshape(len(x_test), -1) / 16.0
       grid_labels = sample.grid_labels(np.arange(10), args.per_class)
       out_dir = os.path.join(str(rundir.RunDir(args.workdir).afm), "compare")

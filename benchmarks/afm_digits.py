@@ -20,7 +20,7 @@ from scipy import linalg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.digits_guidance import judge  # noqa: E402
-from farmer_jax import input_pipeline, metrics  # noqa: E402
+from farmer_jax import datasets, metrics  # noqa: E402
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -33,7 +33,7 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 def curve(workdir: str) -> list[dict]:
   clf, _ = judge()
-  x_test, _ = input_pipeline.load_digits_split("test")
+  x_test, _ = datasets.load_split("digits", "test")
   real = x_test.reshape(len(x_test), -1) / 16.0
   rows = []
   for path in glob.glob(os.path.join(workdir, "samples", "samples_*.npz")):

@@ -21,7 +21,7 @@ from sklearn.svm import SVC
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import digits  # noqa: E402
-from farmer_jax import input_pipeline, rundir, sample, train  # noqa: E402
+from farmer_jax import datasets, rundir, sample, train  # noqa: E402
 from farmer_jax.models import prior  # noqa: E402
 
 SETTINGS = {
@@ -41,8 +41,8 @@ SETTINGS = {
 
 
 def judge() -> tuple[SVC, float]:
-  x_tr, y_tr = input_pipeline.load_digits_split("train")
-  x_te, y_te = input_pipeline.load_digits_split("test")
+  x_tr, y_tr = datasets.load_split("digits", "train")
+  x_te, y_te = datasets.load_split("digits", "test")
   clf = SVC().fit(x_tr.reshape(len(x_tr), -1) / 16.0, y_tr)
   return clf, float(clf.score(x_te.reshape(len(x_te), -1) / 16.0, y_te))
 

@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.mixture import GaussianMixture
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from farmer_jax.input_pipeline import load_digits_split  # noqa: E402
+from farmer_jax import datasets  # noqa: E402
 
 NUM_LEVELS = 17               # digits values are 0..16
 COMPONENTS = (1, 5, 10, 20)
@@ -42,8 +42,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", help="also write the JSON result to this file")
   args = parser.parse_args(argv)
 
-  train, _ = load_digits_split("train")
-  test, _ = load_digits_split("test")
+  train, _ = datasets.load_split("digits", "train")
+  test, _ = datasets.load_split("digits", "test")
   x_train = dequantise(train.reshape(len(train), -1).astype(np.float64), TRAIN_DEQUANT_SEED)
   x_test = dequantise(test.reshape(len(test), -1).astype(np.float64), TEST_DEQUANT_SEED)
   print(f"digits: train {x_train.shape}, test {x_test.shape}, L={NUM_LEVELS}", flush=True)

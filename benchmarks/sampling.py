@@ -318,7 +318,7 @@ def bench_digits_inverses(workdir: str, tolerances, per_class: int, reps: int, b
   from afm_digits import frechet  # noqa: PLC0415 (scipy; --digits_workdir only)
   from digits_guidance import judge  # noqa: PLC0415 (scikit-learn)
   from configs import digits  # noqa: PLC0415
-  from farmer_jax import distill, input_pipeline, rundir, train  # noqa: PLC0415
+  from farmer_jax import datasets, distill, rundir, train  # noqa: PLC0415
 
   config = digits.get_config("default")
   student = None
@@ -375,7 +375,7 @@ def bench_digits_inverses(workdir: str, tolerances, per_class: int, reps: int, b
       result["speed"][f"batch{batch}"] = speed
 
     clf, real_acc = judge()
-    x_test, _ = input_pipeline.load_digits_split("test")
+    x_test, _ = datasets.load_split("digits", "test")
     real = x_test.reshape(len(x_test), -1) / 16.0
     labels = sample.grid_labels(np.arange(10), per_class)
     bs = config.sample.batch_size

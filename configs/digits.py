@@ -13,7 +13,8 @@ A trailing `,distill` (`configs/digits.py:distill`, `:tiny,distill`) runs the di
     python -m farmer_jax.main --config=configs/digits.py:distill --workdir=runs/digits
 
 Data: the 1797 digits of `sklearn.datasets.load_digits` (values 0..16, so 17 levels), split once
-with a fixed seed into 1437 train and 360 test images. Images are 8x8x1; patch 2 gives N = 16
+with a fixed seed into 1437 train and 360 test images: the tfds data set `digits`
+(`farmer_jax/datasets.py`), which prepares itself in the tfds data dir on first use. Images are 8x8x1; patch 2 gives N = 16
 tokens of d = 4 values. Fields and their paper defaults: farmer_jax/config_base.py; what is set
 here is ours for this data set.
 """
@@ -31,7 +32,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   c = config_base.base_config()
   c.phase = phase
   c.data.update(name="digits", image_size=8, channels=1, num_levels=17, num_classes=10,
-                shuffle_buffer=0)           # in memory: whole epochs are shuffled
+                shuffle_buffer=2048)        # > the 1437 train images: each epoch a full permutation
   c.model.update(
       patch_size=2,              # 8x8x1 -> 16 tokens of 4
       af_blocks=4, af_layers=2, af_width=64,

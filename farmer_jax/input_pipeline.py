@@ -1,11 +1,13 @@
-"""Per-host input: the embedded digits set and tfds image sets -> uint8 batches for this process.
+"""Per-host input: tfds image sets -> uint8 batches for this process.
 
-Images come out in their native levels (0..16 for digits, 0..255 for tfds sets) as uint8
-`image_BxHxWxC` with int32 `label_B`; the trainer dequantises (SPEC sec. 1). The train stream is a
-pure function of (data config, seed, step, process), so resuming at step s replays exactly the
-batches an uninterrupted run would have seen from its s-th batch on.
-
-TensorFlow and tfds are imported only when a tfds set is asked for: digits runs never pay for them.
+One path for every data set: the embedded ones (`digits`, `mnist5k`: tfds builders in
+`farmer_jax.datasets` that prepare themselves from installed packages, no download) and the
+downloaded ones (ImageNet, CIFAR-10, ...) are read, split per process, shuffled, resumed and padded
+for evaluation by the same code. Images come out in their native levels (0..16 for digits, 0..255
+for the others; `datasets.num_levels`) as uint8 `image_BxHxWxC` with int32 `label_B`; the trainer
+dequantises (SPEC sec. 1). The train stream is a pure function of (data config, seed, step,
+process), so resuming at step s replays exactly the batches an uninterrupted run would have seen
+from its s-th batch on.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ from typing import Iterator
 import jax
 import numpy as np
 
-DIGITS = "digits"
-SUPPORTED_NAMES = (DIGITS, "mnist", "cifar10", "imagenet2012", "downsampled_imagenet/64x64")
+from farmer_jax import datasets
+
+SUPPORTED_NAMES = (datasets.DIGITS, datasets.MNIST5K, "mnist", "cifar10", "imagenet2012",
+                   "downsampled_imagenet/64x64")
 
 
 class DatasetNotPreparedError(ValueError):
@@ -58,78 +62,6 @@ def _check_levels(data, levels: int) -> None:
                      f"{levels} levels; set config.data.num_levels={levels}.")
 
 
-# ---------------------------------------------------------------------------------------------
-# Digits: in memory, index arithmetic only.
-# ---------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  from sklearn.datasets import load_digits  # sklearn is slow to import; only digits needs it.
-  d = load_digits()
-  images = d.images.astype(np.uint8)[..., None]                 # [1797, 8, 8, 1], 0..16
-  labels = d.target.astype(np.int32)
-  perm = np.random.RandomState(0).permutation(len(labels))      # the fixed split, never reseeded
-  for a in (images, labels, perm):
-    a.setflags(write=False)                                     # cached: callers must not mutate
-  return images, labels, perm
-
-
-def load_digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-  """scikit-learn digits with a fixed split: perm = RandomState(0).permutation(1797);
-  test = perm[:360], train = perm[360:].
-
-  Returns images uint8 [n, 8, 8, 1] (values 0..16) and labels int32 [n]; n = 1437 or 360.
-  """
-  images, labels, perm = _digits_arrays()
-  if split not in ("train", "test"):
-    raise ValueError(f"digits split {split!r} does not exist; use 'train' or 'test' "
-                     "(config.data.train_split / config.data.eval_split).")
-  idx = perm[360:] if split == "train" else perm[:360]
-  return images[idx], labels[idx]
-
-
-def _check_digits(data) -> None:
-  _check_levels(data, 17)
-  if (data.image_size, data.channels) != (8, 1):
-    raise ValueError(f"digits images are 8x8x1; set config.data.image_size=8 and "
-                     f"config.data.channels=1 (got {data.image_size}, {data.channels}).")
-
-
-def _digits_train(data, global_batch_size, seed, start_step, p, n_proc) -> Iterator[dict]:
-  """Step s covers positions s*B .. (s+1)*B-1 of the endless stream of epochs, epoch e in the
-  order `default_rng([seed, e]).permutation(n)`; process p takes its contiguous B/P slice."""
-  images, labels = load_digits_split(data.train_split)
-  n, b = len(labels), global_batch_size // n_proc
-
-  @functools.lru_cache(maxsize=2)  # a batch touches at most two epochs
-  def epoch_order(e):
-    order = np.random.default_rng([seed, e]).permutation(n)
-    # Flip bits drawn per (seed, epoch, position) = per global example index.
-    flips = np.random.default_rng([seed, e, 1]).random(n) < 0.5
-    return order, flips
-
-  for step in itertools.count(start_step):
-    pos_b = step * global_batch_size + p * b + np.arange(b)     # global stream positions
-    epochs, within = np.divmod(pos_b, n)
-    idx, flip = np.empty(b, np.int64), np.zeros(b, bool)
-    for e in np.unique(epochs):
-      sel = epochs == e
-      order, flips = epoch_order(int(e))
-      idx[sel], flip[sel] = order[within[sel]], flips[within[sel]]
-    image = images[idx]
-    if data.hflip:
-      image[flip] = image[flip, :, ::-1]
-    yield {"image": image, "label": labels[idx]}
-
-
-def _even_share(n: int, p: int, n_proc: int) -> tuple[int, int]:
-  """[start, stop) of process p when n examples are split as tfds.even_splits does."""
-  q, r = divmod(n, n_proc)
-  start = p * q + min(p, r)
-  return start, start + q + (p < r)
-
-
 def _padded_batches(image, label, b: int, num_batches: int) -> Iterator[dict]:
   """Yields exactly num_batches batches of b; padding rows are zero with mask False."""
   for i in range(num_batches):
@@ -157,9 +89,8 @@ def _tf():
 
 
 def _builder(data):
-  import tensorflow_datasets as tfds
   _tf()
-  return tfds.builder(data.name, data_dir=data.data_dir)
+  return datasets.builder(data.name, data.data_dir)
 
 
 def _not_prepared(data) -> DatasetNotPreparedError:
@@ -196,7 +127,7 @@ def _as_dataset(data, builder, split, *, shuffle_seed: int | None):
 
 def _check_tfds(data, builder) -> bool:
   """Checks config against the dataset's features; returns whether labels are yielded."""
-  _check_levels(data, 256)
+  _check_levels(data, datasets.num_levels(data.name))
   features = builder.info.features
   native = features["image"].shape                    # (H, W, C); H, W None if they vary
   if native[-1] != data.channels:
@@ -349,8 +280,8 @@ def train_iterator(data, *, global_batch_size: int, seed: int, start_step: int =
   Yields {'image': uint8 [B/P, H, W, C] in native levels, 'label': int32 [B/P]}, B the global
   batch size and P the process count. The batch at step s depends only on (data config, seed, s,
   process): `train_iterator(..., start_step=s)` yields what an uninterrupted iterator yields as
-  its s-th batch (0-based) onwards. Digits resume instantly; a tfds resume reads (without
-  decoding) at most one epoch of this host's records, see `_tfds_train`.
+  its s-th batch (0-based) onwards. A resume reads (without decoding) at most one epoch of this
+  host's records, see `_tfds_train`.
   process_index / process_count default to jax.process_index() / jax.process_count().
   """
   _check_name(data)
@@ -358,9 +289,6 @@ def train_iterator(data, *, global_batch_size: int, seed: int, start_step: int =
   _local_batch(global_batch_size, n_proc, "config.train.batch_size")
   if start_step < 0:
     raise ValueError(f"start_step={start_step} must be >= 0.")
-  if data.name == DIGITS:
-    _check_digits(data)
-    return _digits_train(data, global_batch_size, seed, start_step, p, n_proc)
   return _tfds_train(data, global_batch_size, seed, start_step, p, n_proc)
 
 
@@ -375,21 +303,13 @@ def eval_iterator(data, *, global_batch_size: int, process_index: int | None = N
   """
   _check_name(data)
   p, n_proc = _processes(process_index, process_count)
-  b = _local_batch(global_batch_size, n_proc, "config.eval.batch_size")
-  if data.name != DIGITS:
-    return _tfds_eval(data, global_batch_size, p, n_proc)
-  _check_digits(data)
-  images, labels = load_digits_split(data.eval_split)
-  start, stop = _even_share(len(labels), p, n_proc)
-  num_batches = math.ceil(math.ceil(len(labels) / n_proc) / b)
-  return _padded_batches(images[start:stop], labels[start:stop], b, num_batches)
+  _local_batch(global_batch_size, n_proc, "config.eval.batch_size")
+  return _tfds_eval(data, global_batch_size, p, n_proc)
 
 
 def num_eval_examples(data) -> int:
   """Number of examples in data.eval_split (all processes together)."""
   _check_name(data)
-  if data.name == DIGITS:
-    return len(load_digits_split(data.eval_split)[1])
   builder = _builder(data)
   # The dataset's own cardinality (no reading) is what eval_iterator yields; under mock_data it
   # differs from builder.info, which then knows no splits at all.

@@ -1,7 +1,7 @@
-"""Test setup: 8 fake CPU devices (before JAX initialises its backends), quiet TensorFlow, and,
-since CPU compilation is most of the suite's time: one persistent compilation cache for the session
-(many tests build the same tiny trainer), shared with the subprocesses tests start, and cheaper
-XLA CPU compiles."""
+"""Test setup: 8 fake CPU devices (before JAX initialises its backends), quiet TensorFlow, an empty
+tfds data dir, and, since CPU compilation is most of the suite's time: one persistent compilation
+cache for the session (many tests build the same tiny trainer), shared with the subprocesses tests
+start, and cheaper XLA CPU compiles."""
 import os
 import tempfile
 
@@ -10,6 +10,9 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       tempfile.mkdtemp(prefix="farmer_jax_test_compile_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The embedded data sets prepare themselves on first use in the tfds data dir: tests (and the
+# subprocesses they start) get a fresh one, never the user's ~/tensorflow_datasets.
+os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="farmer_jax_test_tfds_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Tests run tiny models: XLA's CPU compile time dominates, and skipping LLVM's costly optimisation
 # passes cuts it by about 40% (measured on the tiny trainer) for slower but still short runs.

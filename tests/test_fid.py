@@ -16,7 +16,7 @@ import pytest
 import scipy.linalg
 
 from configs import digits
-from farmer_jax import config_check, input_pipeline, rundir, sample, sharding, train
+from farmer_jax import config_check, datasets, rundir, sample, sharding, train
 from farmer_jax.evaluation import fid_mode, inception, scores, weights
 
 # ------------------------------------------------------------------ scores vs plain numpy / scipy
@@ -153,7 +153,7 @@ def extractor():
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(extractor):
   features, mesh = extractor
-  images = input_pipeline.load_digits_split("test")[0][:24]          # levels 0..16, one batch
+  images = datasets.load_split("digits", "test")[0][:24]          # levels 0..16, one batch
   rng = np.random.default_rng(4)
   with jax.set_mesh(mesh):
     clean = features.from_array(images, 17, "clean")["pool3"]
@@ -202,7 +202,7 @@ def test_fid_mode_end_to_end_writes_json_and_adm_samples(tiny_workdir):
 
   # The same samples read back from their npz, against the same 24 test digits as an ADM-format
   # reference batch (arr_0 only, so its statistics come from its images).
-  test_images = input_pipeline.load_digits_split("test")[0][:24]
+  test_images = datasets.load_split("digits", "test")[0][:24]
   ref = os.path.join(workdir, "ref.npz")
   np.savez(ref, arr_0=sample.to_rgb_uint8(test_images, 17))
   again = fid_config(c)

