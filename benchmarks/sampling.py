@@ -4,7 +4,7 @@ with --inverses, the parallel AF inverses (Jacobi, Gauss-Seidel-Jacobi) against 
     python benchmarks/sampling.py [--tokens=64,256] [--batch=16] [--reps=7] [--budget_s=8] \
         [--out=FILE]
     python benchmarks/sampling.py --inverses [--tokens=64,256] [--widths=64,768] [--batches=1,16] \
-        [--tolerances=1e-3,1e-2] [--segments=4,16] [--out=FILE]
+        [--tolerances=1e-3,1e-2] [--segments=4,16] [--strided=16] [--out=FILE]
     python benchmarks/sampling.py --inverses --digits_workdir=W [--per_class=50] [--out=FILE]
 
 The --inverses figures are described in `bench_inverses` and `bench_digits_inverses` below.
@@ -193,16 +193,22 @@ def bench_config(tokens: int, batch: int, reps: int, budget_s: float) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def inverse_variants(tolerances, segments, tokens: int) -> dict[str, flow.ParallelInverse]:
+def inverse_variants(tolerances, segments, tokens: int, strided=()
+                     ) -> dict[str, flow.ParallelInverse]:
   """The parallel inverses timed per synthetic config: Jacobi from each block's input at every
   tolerance, from the latent z at the first, Gauss-Seidel-Jacobi at each segment count (< tokens)
-  at the first, and one pass per block (untimed quality: the cost of a pass)."""
+  at the first, strided sweeps at each of their segment counts (< tokens) and every tolerance,
+  and one pass per block (untimed quality: the cost of a pass)."""
   t0 = tolerances[0]
   out = {f"jacobi_tol{t:g}": flow.ParallelInverse("jacobi", tolerance=t) for t in tolerances}
   out[f"jacobi_z_tol{t0:g}"] = flow.ParallelInverse("jacobi", tolerance=t0, init="z")
   for g in segments:
     if g < tokens:
       out[f"gs_jacobi{g}_tol{t0:g}"] = flow.ParallelInverse("gs_jacobi", (g,), t0)
+  for g in strided:
+    if g < tokens:
+      for t in tolerances:
+        out[f"strided{g}_tol{t:g}"] = flow.ParallelInverse("strided", (g,), t)
   out["one_pass"] = flow.ParallelInverse("jacobi", max_iterations=1)
   return out
 
@@ -236,13 +242,16 @@ def level_agreement(images, reference, num_levels: int) -> dict:
 
 
 def pass_work(spec: flow.ParallelInverse, passes, tokens: int) -> list[float]:
-  """Passes per block in full-block-pass units: a Gauss-Seidel-Jacobi pass covers one segment."""
+  """Passes per block in full-block-pass units: a Gauss-Seidel-Jacobi pass covers one segment; a
+  strided sweep covers every token once (in segment-length steps), after one full pass."""
+  if spec.method == "strided":
+    return [float(p) + 1 for p in passes]
   seg = [-(-tokens // spec.block_segments(t)) for t in range(len(passes))]
   return [round(float(p) * s / tokens, 2) for p, s in zip(passes, seg)]
 
 
 def bench_inverses(tokens: int, width: int, batch: int, tolerances, segments, reps: int,
-                   budget_s: float, width_free_heads: bool = True) -> dict:
+                   budget_s: float, width_free_heads: bool = True, strided=()) -> dict:
   """The sequential and parallel AF inverses of one random-weight model (`model_config(tokens,
   width)`, `random_params` with `width_free_heads`) on the same prior latents, each jitted on its
   own, each variant timed in pairs with the sequential inverse (`paired`):
@@ -250,7 +259,8 @@ def bench_inverses(tokens: int, width: int, batch: int, tolerances, segments, re
     sequential_s_per_img   Farmer.decode, the KV-cached sequential inverse (N steps per block)
     <variant>.s_per_img    Farmer.decode_parallel with that ParallelInverse (inverse_variants)
     <variant>.speedup      the median over pairs of sequential time / variant time
-    <variant>.passes       Transformer passes each AF block made (block 0 first)
+    <variant>.passes       Transformer passes each AF block made (block 0 first); strided:
+                           sweeps (each S steps of R tokens, after one full pass)
     <variant>.work         the same in full passes over the block's N tokens (`pass_work`)
     <variant>.max_abs_diff, same_level_fraction, within_one_level_fraction: against the
                            sequential decode, images clipped to [-1, 1], 256 levels
@@ -278,7 +288,7 @@ def bench_inverses(tokens: int, width: int, batch: int, tolerances, segments, re
        "af_blocks": c.af_blocks,
        "af_layers": c.af_layers, "af_params": int(af_params),
        "sequential_s_per_img": round(seq_s / batch, 6), "variants": {}}
-  for name, spec in inverse_variants(tolerances, segments, tokens).items():
+  for name, spec in inverse_variants(tolerances, segments, tokens, strided).items():
     fn = jax.jit(lambda v, z, y, spec=spec: model.apply(
         v, z, y, spec, method=farmer.Farmer.decode_parallel))
     (images, passes), t, ratio = paired(name, decode, fn, variables, z, labels, reps=reps,
@@ -469,6 +479,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--tolerances", default="1e-3,1e-2",
                       help="--inverses: Jacobi tolerances ([-1, 1] units)")
   parser.add_argument("--segments", default="4,16", help="--inverses: Gauss-Seidel-Jacobi counts")
+  parser.add_argument("--strided", default="16",
+                      help="--inverses: strided sweeps' segment counts ('' for none)")
   parser.add_argument("--full_head_noise", action="store_true",
                       help="--inverses: AF heads perturbed like every other weight (std 0.05) "
                            "instead of the width-free scale (random_params)")
@@ -494,7 +506,8 @@ def main(argv=None) -> dict:
     for t in tokens:
       model_config(t)
     configs = [bench_inverses(t, w, b, tolerances, ints(args.segments), args.reps, args.budget_s,
-                              width_free_heads=not args.full_head_noise)
+                              width_free_heads=not args.full_head_noise,
+                              strided=ints(args.strided) if args.strided else ())
                for t in tokens for w in ints(args.widths) for b in ints(args.batches)]
     result = {"device": device, "configs": configs}
   result["wall_s"] = round(time.perf_counter() - start, 1)

@@ -207,13 +207,15 @@ def base_config() -> ml_collections.ConfigDict:
                                  # one and `inverse` is sequential, else exact
       # The exact AF inverse (ours; docs/jacobi.md). sequential: KV-cached, one token per step;
       # jacobi: every token of a block at once, one causal pass per iteration, until converged;
-      # gs_jacobi: the tokens in `jacobi_segments` runs taken in order, Jacobi inside each.
+      # gs_jacobi: the tokens in `jacobi_segments` runs taken in order, Jacobi inside each;
+      # strided: sequential inside the runs, Jacobi across them (one token of every run a step).
       inverse="sequential",
       jacobi_tolerance=1e-3,     # a segment stops when no value of x moved more than this in its
                                  # last pass ([-1, 1] pixel units; 0: to the float32 fixed point)
-      jacobi_max_iterations=0,   # passes per segment at most; 0: the segment's length (exact)
-      jacobi_segments="1",       # gs_jacobi: segments per AF block, one count ("4") or one per
-                                 # block, block 0 (next to the pixels) first ("1,1,1,4")
+      jacobi_max_iterations=0,   # passes per segment at most; 0: the segment's length (exact);
+                                 # strided: sweeps per block at most; 0: the segment count (exact)
+      jacobi_segments="1",       # gs_jacobi, strided: segments per AF block, one count ("4") or
+                                 # one per block, block 0 (next to the pixels) first ("1,1,1,4")
       jacobi_init="previous",    # start of block t: z (the latent the prior drew) | previous
                                  # (its input, the block inverted before it) | student (the
                                  # distilled student's pass on that input; needs <workdir>/distill)

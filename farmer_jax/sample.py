@@ -86,7 +86,8 @@ def parallel_inverse(sample_cfg, model_config: farmer.ModelConfig, has_student: 
   cap = sample_cfg.get("jacobi_max_iterations", 0)
   if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
     raise ValueError(f"config.sample.jacobi_max_iterations = {cap!r}: must be an integer >= 0 "
-                     f"(0: a segment's length, where Jacobi is exact)")
+                     f"(0: a segment's length, where Jacobi is exact; strided: the segment count, "
+                     f"where its sweeps are)")
   positions = model_config.num_tokens - (0 if model_config.af_start_token else 1)
   segments = parse_segments(sample_cfg.get("jacobi_segments", "1"), model_config.af_blocks,
                             positions)
@@ -114,8 +115,8 @@ def wants_student(sample_cfg) -> bool:
 
 
 def decoder_name(student: bool, parallel: flow.ParallelInverse | None) -> str:
-  """What decodes, for file tags and npz info: "student" (alone), "jacobi" / "gs_jacobi" (the
-  parallel exact inverse, whatever its start) or "exact" (the sequential one)."""
+  """What decodes, for file tags and npz info: "student" (alone), "jacobi" / "gs_jacobi" /
+  "strided" (the parallel exact inverse, whatever its start) or "exact" (the sequential one)."""
   if parallel is not None:
     return parallel.method
   return "student" if student else "exact"

@@ -31,6 +31,8 @@ def inverses(f, params, z, labels, spec):
     flow.ParallelInverse("jacobi"),
     flow.ParallelInverse("gs_jacobi", (3,), init="z"),
     flow.ParallelInverse("gs_jacobi", (4, 1, 2)),   # one count per block, block 0 first
+    flow.ParallelInverse("strided", (3,)),
+    flow.ParallelInverse("strided", (4, 1, 2), init="z"),
 ])
 def test_zero_tolerance_equals_the_sequential_inverse(start_token, num_classes, spec):
   """Tolerance 0 runs every segment to its float32 fixed point: the sequential inverse to
@@ -84,6 +86,52 @@ def test_k_passes_make_the_first_k_tokens_exact_whatever_the_tolerance(start_tok
     assert float(jnp.max(jnp.abs(par[:, exact:] - seq[:, exact:]))) > 1e-4   # the cap did stop it
 
 
+@pytest.mark.parametrize("start_token", [True, False])
+@pytest.mark.parametrize("cap", [1, 2])
+def test_k_sweeps_make_the_first_k_runs_exact(start_token, cap):
+  """Strided sweeps: a sweep decodes each run's own chain in order, so sweep k leaves runs < k
+  exact whatever their reads across boundaries were; the runs after them are not yet (the cap
+  stopped them). 3 runs of a 10-token block: 4, 4, 2 positions (3, 3, 3 without a start token)."""
+  f = make_flow(start_token=start_token, num_tokens=N, num_blocks=1)
+  params, x = init_flow(f)
+  z, _ = f.apply({"params": params}, x)
+  spec = flow.ParallelInverse("strided", (3,), tolerance=0.0, max_iterations=cap)
+  seq, par, sweeps = inverses(f, params, z, None, spec)
+  first = 0 if start_token else 1
+  seg = -(-(N - first) // 3)
+  np.testing.assert_array_equal(sweeps, [cap])
+  exact = first + cap * seg
+  np.testing.assert_allclose(par[:, :exact], seq[:, :exact], atol=2e-5)
+  assert float(jnp.max(jnp.abs(par[:, exact:] - seq[:, exact:]))) > 1e-4
+
+
+def test_strided_sweeps_are_bounded_by_the_run_count():
+  """At tolerance 0 the sweeps stop at the run count, where they are exact; one run is the
+  sequential inverse in one sweep (its steps are the sequential steps)."""
+  f = make_flow(num_tokens=N, num_blocks=2)
+  params, x = init_flow(f)
+  z, _ = f.apply({"params": params}, x)
+  for runs in (1, 2, 5, N):
+    seq, par, sweeps = inverses(f, params, z, None, flow.ParallelInverse("strided", (runs,)))
+    assert 1 <= sweeps.max() <= runs and sweeps.min() >= 1, (runs, sweeps)
+    np.testing.assert_allclose(par, seq, atol=2e-5)
+  _, _, sweeps = inverses(f, params, z, None, flow.ParallelInverse("strided", (1,)))
+  np.testing.assert_array_equal(sweeps, [1, 1])
+
+
+def test_strided_needs_fewer_sweeps_than_jacobi_passes():
+  """At the same tolerance a strided sweep, which solves each run's chain, does the work of
+  several Jacobi passes: fewer sweeps than passes, and as close to the sequential inverse."""
+  f = make_flow(num_tokens=16, num_blocks=2, width=64, depth=2)
+  params, x = init_flow(f)
+  z, _ = f.apply({"params": params}, x)
+  seq, jac, passes = inverses(f, params, z, None, flow.ParallelInverse("jacobi", tolerance=1e-3))
+  _, strided, sweeps = inverses(f, params, z, None,
+                                flow.ParallelInverse("strided", (4,), tolerance=1e-3))
+  assert sweeps.sum() < passes.sum(), (sweeps, passes)
+  assert float(jnp.max(jnp.abs(strided - seq))) < 1e-3
+
+
 def test_looser_tolerance_takes_fewer_passes_and_stays_close():
   f = make_flow(num_tokens=N, num_blocks=2)
   params, x = init_flow(f)
@@ -134,16 +182,19 @@ def test_settings_parse_to_the_flow_spec():
   c.sample.inverse = "jacobi"
   spec = sample.parallel_inverse(c.sample, mc, has_student=False)
   assert spec.segments == (1,) and spec.init == "previous"
+  c.sample.inverse = "strided"
+  assert sample.parallel_inverse(c.sample, mc).segments == (4, 2)
   c.sample.inverse = "sequential"
   assert sample.parallel_inverse(c.sample, mc) is None and not sample.wants_student(c.sample)
   assert sample.decoder_name(False, None) == "exact" and sample.decoder_name(True, None) == "student"
 
 
-def test_sharded_parallel_sampler_equals_one_device():
+@pytest.mark.parametrize("inverse", ["gs_jacobi", "strided"])
+def test_sharded_parallel_sampler_equals_one_device(inverse):
   """The Jacobi sampler with the batch split over 8 devices (the convergence test is then a
   max over shards) draws and decodes what it does on one device, the same latents as the
   sequential sampler for the same key."""
-  c = tiny_config(inverse="gs_jacobi", jacobi_segments="2", jacobi_tolerance=0.0, batch_size=8)
+  c = tiny_config(inverse=inverse, jacobi_segments="2", jacobi_tolerance=0.0, batch_size=8)
   c.model.update(af_width=64, prior_width=64, head_dim=32)
   mc = farmer.ModelConfig.from_config(c)
   model = farmer.Farmer(mc)
@@ -176,10 +227,12 @@ def test_inverse_benchmark_reports_every_figure():
   tolerance-0 variant on the sequential decode's levels."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
   import sampling  # noqa: PLC0415
-  r = sampling.bench_inverses(4, 64, 2, [0.0], [], reps=2, budget_s=0.0)
+  r = sampling.bench_inverses(4, 64, 2, [0.0], [], reps=2, budget_s=0.0, strided=[2])
   assert r["sequential_s_per_img"] > 0 and r["pass_s_per_img"] > 0 and r["break_even_passes"] > 0
-  assert sorted(r["variants"]) == ["jacobi_tol0", "jacobi_z_tol0"]
-  for v in r["variants"].values():
+  assert sorted(r["variants"]) == ["jacobi_tol0", "jacobi_z_tol0", "strided2_tol0"]
+  for name, v in r["variants"].items():
     assert v["s_per_img"] > 0 and v["speedup"] > 0
-    assert len(v["passes"]) == 4 and max(v["passes"]) <= 4 and v["work"] == v["passes"]
+    assert len(v["passes"]) == 4 and max(v["passes"]) <= (2 if v["method"] == "strided" else 4)
+    # a strided sweep covers every token once, after one full pass
+    assert v["work"] == [p + (v["method"] == "strided") for p in v["passes"]], name
     assert v["same_level_fraction"] == 1.0 and v["max_abs_diff"] < 1e-4

@@ -24,7 +24,9 @@ Jacobi iteration updates every position at once from the previous iterate, one c
 iteration: after k passes positions < k are exact whatever the start, so N passes give the
 sequential inverse, and a good start stops far earlier on a tolerance. Gauss-Seidel-Jacobi cuts
 the positions into segments solved in order, each by Jacobi, the segments before it fixed and
-held in the KV cache.
+held in the KV cache. Strided sweeps transpose that: sequential inside the segments, Jacobi across
+them; each step decodes one position of every segment, so a sweep of S steps solves each
+segment's own chain exactly and only the reads across segment boundaries iterate.
 """
 import dataclasses
 from typing import Any, Callable
@@ -50,7 +52,7 @@ def last_block_flips(num_blocks: int) -> bool:
   return num_blocks > 0 and block_flips(num_blocks - 1)
 
 
-INVERSES = ("sequential", "jacobi", "gs_jacobi")   # sample.inverse
+INVERSES = ("sequential", "jacobi", "gs_jacobi", "strided")   # sample.inverse
 JACOBI_INITS = ("z", "previous", "student")         # sample.jacobi_init
 
 
@@ -58,12 +60,14 @@ JACOBI_INITS = ("z", "previous", "student")         # sample.jacobi_init
 class ParallelInverse:
   """How `Flow.inverse_parallel` solves every block (hashable: part of the sampler's jit key).
 
-  method: "jacobi" (one segment per block) or "gs_jacobi" (`segments`).
+  method: "jacobi" (one segment per block), "gs_jacobi" or "strided" (`segments`).
   segments: segment count per block t = 0 .. n-1 (forward order: block 0 is next to the pixels),
     or one count for every block.
-  tolerance: a segment stops once max |x^k - x^(k-1)| over the batch is <= this ([-1, 1] units).
+  tolerance: a segment (strided: a block) stops once max |x^k - x^(k-1)| over the batch is <=
+    this ([-1, 1] units), k counting passes (strided: sweeps).
   max_iterations: cap on the passes of one segment; 0 (or more than its length): its length, at
-    which Jacobi is exact whatever the tolerance.
+    which Jacobi is exact whatever the tolerance. Strided: cap on the sweeps; 0 (or more than
+    the segment count): the segment count, at which the sweeps are exact.
   init: the start x^0 of block t: "z", the latent the whole flow inverts (every block);
     "previous", the block's own input, i.e. the output of the block inverted before it;
     "student", the distilled student's one-pass inverse of that input.
@@ -272,6 +276,115 @@ class AffineBlock(nn.Module):
       x_BxNxD = jnp.concatenate([z_BxNxD[:, :1], x_BxNxD], axis=1)
     return self._order(x_BxNxD), jnp.sum(passes_R)
 
+  def _decode_strided(self, h_BxRxW: jax.Array, caches, positions_R: jax.Array):
+    """The block's Transformer on R tokens at arbitrary positions against one KV cache ->
+    (out [B, R, W], caches with their keys and values written at `positions_R`).
+
+    `layers.Transformer` decodes one contiguous position range per call; strided sweeps need one
+    position per run, so this runs its layers from their parameters: the same modules (layer
+    norms, MLP) and products as `layers.Attention`, the keys scattered at `positions_R` and each
+    query masked at its own position by `layers.attend`. Tests hold it to the sequential inverse.
+    """
+    params = nn.meta.unbox(self.variables["params"]["transformer"])
+    depth = self.transformer.depth
+    if self.transformer.scan_layers:
+      per_layer = [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(depth)]
+      kv = [(caches[0][i], caches[1][i]) for i in range(depth)]
+    else:
+      per_layer = [params[f"layer_{i}"] for i in range(depth)]
+      kv = list(caches)
+    # Unbound (parent=None): applied to the parameters read above, not registered in this block.
+    ln = nn.LayerNorm(dtype=self.dtype, parent=None)   # layers.layer_norm's settings
+    norm = lambda p, x: ln.apply({"params": p}, x)
+    mlp = layers.MLP(self.width, self.transformer.mlp_ratio, self.dtype, parent=None)
+    x_BxRxW = h_BxRxW.astype(self.dtype)
+    for i, p in enumerate(per_layer):
+      a = p["attn"]
+      qkv = jnp.einsum("btw,chkw->cbhtk", norm(p["ln_attn"], x_BxRxW), a["qkv"].astype(self.dtype))
+      qkv = qkv + a["qkv_bias"].astype(self.dtype)[:, None, :, None, :]
+      k_c, v_c = kv[i]
+      k_c = k_c.at[:, :, positions_R].set(qkv[1].astype(k_c.dtype))
+      v_c = v_c.at[:, :, positions_R].set(qkv[2].astype(v_c.dtype))
+      kv[i] = (k_c, v_c)
+      o_BxHxRxK = layers.attend(qkv[0], k_c, v_c, positions_R, True, self.transformer.attention,
+                                self.dtype)
+      x_BxRxW = x_BxRxW + jnp.einsum("bhtk,hkw->btw", o_BxHxRxK.astype(self.dtype),
+                                     a["out"].astype(self.dtype)) + a["out_bias"].astype(self.dtype)
+      x_BxRxW = x_BxRxW + mlp.apply({"params": p["mlp"]}, norm(p["ln_mlp"], x_BxRxW))
+    if self.transformer.scan_layers:
+      kv = (jnp.stack([k for k, _ in kv]), jnp.stack([v for _, v in kv]))
+    return norm(params["ln_final"], x_BxRxW), kv
+
+  def inverse_strided(self, z_BxNxD: jax.Array, labels_B: jax.Array | None, x0_BxNxD: jax.Array,
+                      segments: int, tolerance: float = 0.0, max_sweeps: int = 0
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Strided sweeps from the start x0 (both natural order) -> (x [B, N, D], sweeps, int32 []):
+    sequential inside R segments, Jacobi across them.
+
+    The P emitting positions are cut into R runs of S = ceil(P / segments) (the last padded). One
+    full causal pass over the start fills the KV cache [B, H, Q, K] and gives the first iterate;
+    then each sweep makes S steps, step j decoding position r * S + j of every run r at once from
+    the latest values before it: its own run's earlier positions from this sweep (the sequential
+    inverse's dependence, solved exactly in one sweep), the earlier runs' from this sweep below
+    offset j and from the last sweep at and above it. Sweep s leaves runs < s exact, so R sweeps
+    are the sequential inverse; with a tolerance the iteration stops after the first sweep whose
+    max abs change over the batch is <= it. A step costs about what a sequential step does where
+    that one is bound by reading the weights (small batches): R tokens read them once.
+    """
+    z_BxNxD = self._order(z_BxNxD.astype(jnp.float32))
+    x0_BxNxD = self._order(x0_BxNxD.astype(jnp.float32))
+    b, n, _ = z_BxNxD.shape
+    first = 0 if self.start_token else 1
+    p = n - first
+    seg = -(-p // max(1, min(segments, p)))
+    runs = -(-p // seg)
+    q = runs * seg
+    pad = [(0, 0), (0, q - p), (0, 0)]
+    zu_BxQxD = jnp.pad(z_BxNxD[:, first:], pad)
+    u_BxQxD = jnp.pad(x0_BxNxD[:, first:], pad)
+    pos_QxW = jnp.pad(self.pos[:p], [(0, q - p), (0, 0)])
+    v0_BxD = z_BxNxD[:, 0]
+    valid_Q = jnp.arange(q) < p
+    cap = runs if max_sweeps <= 0 else min(max_sweeps, runs)
+
+    def inputs(u_BxQxD):   # v_j = u_(j - 1); v_0 = z_0 (ignored with a start token)
+      return jnp.concatenate([v0_BxD[:, None], u_BxQxD[:, :-1]], axis=1)
+
+    # The start's full pass: keys and values of every position, and the first iterate.
+    h_BxQxW = self._decode_inputs(inputs(u_BxQxD), jnp.arange(q), pos_QxW, labels_B)
+    out_BxQxW, caches = self.transformer(h_BxQxW, self.transformer.init_cache(b, q), 0)
+    u_BxQxD = jnp.where(valid_Q[None, :, None], self._emit(out_BxQxW, zu_BxQxD), 0.0)
+
+    def step(block, carry, j):
+      caches, u_BxQxD, change = carry
+      positions_R = jnp.arange(runs) * seg + j
+      h_BxRxW = block._decode_inputs(inputs(u_BxQxD)[:, positions_R], positions_R,
+                                     pos_QxW[positions_R], labels_B)
+      out_BxRxW, caches = block._decode_strided(h_BxRxW, caches, positions_R)
+      x_BxRxD = block._emit(out_BxRxW, zu_BxQxD[:, positions_R])
+      x_BxRxD = jnp.where(valid_Q[positions_R][None, :, None], x_BxRxD, 0.0)
+      change = jnp.maximum(change, jnp.max(jnp.abs(x_BxRxD - u_BxQxD[:, positions_R])))
+      return (caches, u_BxQxD.at[:, positions_R].set(x_BxRxD), change), None
+
+    scan = nn.scan(step, variable_broadcast="params", split_rngs={"params": False}, in_axes=0)
+
+    def sweep(block, state):
+      k, caches, u_BxQxD, _ = state
+      (caches, u_BxQxD, change), _ = scan(block, (caches, u_BxQxD, jnp.float32(0)),
+                                          jnp.arange(seg))
+      return k + 1, caches, u_BxQxD, change
+
+    def going(block, state):
+      k, _, _, change = state
+      return (k < cap) & (change > tolerance)
+
+    k, _, u_BxQxD, _ = nn.while_loop(going, sweep, self,
+                                     (jnp.int32(0), caches, u_BxQxD, jnp.float32(jnp.inf)))
+    x_BxNxD = u_BxQxD[:, :p]
+    if not self.start_token:
+      x_BxNxD = jnp.concatenate([z_BxNxD[:, :1], x_BxNxD], axis=1)
+    return self._order(x_BxNxD), k
+
   def inverse_recompute(self, z_BxNxD: jax.Array, labels_B: jax.Array | None = None) -> jax.Array:
     """The same inverse recomputing the whole prefix at every token: O(N) full passes.
 
@@ -365,9 +478,10 @@ class Flow(nn.Module):
         x0_BxNxD = student_guess(t, x_BxNxD)
       else:
         x0_BxNxD = z_top_BxNxD if spec.init == "z" else x_BxNxD
-      x_BxNxD, passes[t] = self.blocks[t].inverse_parallel(
-          x_BxNxD, labels_B, x0_BxNxD, spec.block_segments(t), spec.tolerance,
-          spec.max_iterations)
+      solve = (self.blocks[t].inverse_strided if spec.method == "strided"
+               else self.blocks[t].inverse_parallel)
+      x_BxNxD, passes[t] = solve(x_BxNxD, labels_B, x0_BxNxD, spec.block_segments(t),
+                                 spec.tolerance, spec.max_iterations)
     return x_BxNxD, jnp.stack(passes) if passes else jnp.zeros((0,), jnp.int32)
 
   def inverse(self, z_BxNxD: jax.Array, labels_B: jax.Array | None = None,
