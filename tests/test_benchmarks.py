@@ -2,7 +2,7 @@
 it promises, and imports neither TensorFlow, tensorflow-datasets nor clu (the GPU machines it is
 meant for have none of them). peer_tarflow.py: farmer_jax's side alone always; side by side with
 PyTorch TARFlow where FARMER_TORCH_PYTHON (a Python with torch) and FARMER_TARFLOW (ml-tarflow's
-transformer_flow.py) are set."""
+transformer_flow.py) are set. The sample judge (digits_guidance.py) on digits without a model."""
 import importlib.util
 import json
 import math
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -127,3 +128,58 @@ def test_layer_cpu_times_every_piece_on_both_sides():
   ratios = result["ratio_this_over_other"]["C256"]
   assert all(math.isclose(ratios[p], result["median_s"]["this"]["C256"][p]
                           / result["median_s"]["other"]["C256"][p]) for p in ratios)
+
+
+def load_benchmark(name: str):
+  path = os.path.join(REPO, "benchmarks", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_judge_baseline_only_on_digits(tmp_path, capsys):
+  """The sample judge without a model: the real test split scores the judge's accuracy and a
+  distance to train near the floor; the per-class GMM samples are levels of the set and score high
+  accuracy at a larger distance; uniform noise scores chance and a far larger distance."""
+  judge = load_benchmark("digits_guidance")
+  out_file = tmp_path / "judge.json"
+  result = judge.main(["--baseline_only", "--per_class=20", f"--out={out_file}"])
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+  assert json.loads(out_file.read_text()) == result
+  assert result["dataset"] == "digits" and result["results"] == {} and result["step"] is None
+  assert 0.5 < result["pca"]["explained_variance"] < 1.0
+  test_ref, gmm_ref = result["references"]["test_split"], result["references"]["gmm_per_class"]
+  assert test_ref["class_accuracy"] == round(result["judge_test_accuracy"], 4) > 0.95
+  assert gmm_ref["class_accuracy"] > 0.9 and gmm_ref["num_images"] == 200
+  for fd in ("pixel_fd", "pca_fd"):
+    assert 0 < test_ref[fd] < gmm_ref[fd], fd
+
+  images, labels = judge.gmm_per_class_samples("digits", 7, 3)
+  assert images.shape == (70, 8, 8, 1) and images.dtype == np.uint8 and images.max() <= 16
+  assert np.array_equal(labels, np.repeat(np.arange(10), 7))
+  j = judge.Judge("digits", 20)
+  assert j.distances(j.test)["pixel_fd"] < 1e-6 and j.distances(j.test)["pca_fd"] < 1e-6
+  noise = np.random.default_rng(0).integers(0, 17, (200, 8, 8, 1))
+  noisy = j(noise, np.repeat(np.arange(10), 20))
+  assert noisy["class_accuracy"] < 0.3
+  assert noisy["pixel_fd"] > 10 * gmm_ref["pixel_fd"] and noisy["pca_fd"] > 10 * gmm_ref["pca_fd"]
+
+
+def test_judge_settings_from_names_config_and_extra():
+  judge = load_benchmark("digits_guidance")
+  from configs import digits  # noqa: PLC0415
+  from farmer_jax import sample  # noqa: PLC0415
+  config = digits.get_config()
+  extra = {"mine": {"guidance": "resample", "w": 2.0, "t_sigma": 0.9, "denoise": True}}
+  settings = judge.sampler_settings(["resample_w3", "config", "mine"], extra, config)
+  assert list(settings) == ["resample_w3", "config", "mine"]
+  assert settings["resample_w3"] == (judge.SETTINGS["resample_w3"], False)
+  assert settings["config"] == (sample.sampler_config(config.sample), config.sample.denoise)
+  mine, denoise = settings["mine"]
+  assert (mine.guidance, mine.w, mine.t_sigma, mine.t_s, denoise) == ("resample", 2.0, 0.9, 1.0,
+                                                                      True)
+  with pytest.raises(ValueError, match="unknown setting"):
+    judge.sampler_settings(["no_such_setting"], {}, config)
+  with pytest.raises(ValueError, match="w"):
+    judge.sampler_settings(["bad"], {"bad": {"guidance": "resample", "w": -1.0}}, config)
