@@ -2,7 +2,8 @@
 it promises, and imports neither TensorFlow, tensorflow-datasets nor clu (the GPU machines it is
 meant for have none of them). peer_tarflow.py: farmer_jax's side alone always; side by side with
 PyTorch TARFlow where FARMER_TORCH_PYTHON (a Python with torch) and FARMER_TARFLOW (ml-tarflow's
-transformer_flow.py) are set. The sample judge (digits_guidance.py) on digits without a model."""
+transformer_flow.py) are set. gmm_baseline.py and the sample judge (digits_guidance.py, without a
+model) on digits."""
 import importlib.util
 import json
 import math
@@ -136,6 +137,26 @@ def load_benchmark(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def test_gmm_baseline_pca_family_is_a_density_in_the_full_space(capsys):
+  """One mixture component with the diagonal complement is the full-covariance Gaussian in any
+  rotation: equal bits/dim for every k, which a missing Jacobian or a mis-scaled complement would
+  break. Every row is reported and the best is the minimum."""
+  gmm = load_benchmark("gmm_baseline")
+  result = gmm.main(["--dataset=digits", "--components=1", "--pca_dims=5,30",
+                     "--pca_components=1,2", "--reg_covar=1e-3"])
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+  assert result["dataset"] == "digits" and result["num_levels"] == 17 and result["dims"] == 64
+  (full,) = result["full"]
+  assert len(result["pca"]) == 2 * 2 * 2
+  for row in result["pca"]:
+    assert math.isfinite(row["test_bpd"]) and math.isfinite(row["train_bpd"])
+    if row["components"] == 1 and row["complement"] == "diagonal":
+      assert abs(row["test_bpd"] - full["test_bpd"]) < 2e-4, (row, full)
+  rows = [full, *result["pca"]]
+  assert result["best"]["test_bpd"] == min(r["test_bpd"] for r in rows)
+  assert result["best"]["test_bpd"] < math.log2(17)       # better than uniform over the levels
 
 
 def test_judge_baseline_only_on_digits(tmp_path, capsys):
