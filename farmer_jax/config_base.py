@@ -39,7 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.phase = "train"
 
   c.data = dict(
-      name=None,                 # digits | mnist | cifar10 | imagenet2012 | downsampled_imagenet/64x64
+      name=None,                 # digits | mnist5k (embedded: farmer_jax/datasets.py) | mnist |
+                                 # cifar10 | imagenet2012 | downsampled_imagenet/64x64
       image_size=None,           # side of the square images, in pixels
       channels=3,
       num_levels=256,            # uint8 images (SPEC sec. 1)

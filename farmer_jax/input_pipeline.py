@@ -8,6 +8,9 @@ for the others; `datasets.num_levels`) as uint8 `image_BxHxWxC` with int32 `labe
 dequantises (SPEC sec. 1). The train stream is a pure function of (data config, seed, step,
 process), so resuming at step s replays exactly the batches an uninterrupted run would have seen
 from its s-th batch on.
+
+TensorFlow and tfds are imported only when data is read: modes that read none (plan, fields, the
+accelerator benchmark on a machine without TensorFlow) never need them.
 """
 from __future__ import annotations
 
@@ -19,9 +22,8 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from farmer_jax import datasets
-
-SUPPORTED_NAMES = (datasets.DIGITS, datasets.MNIST5K, "mnist", "cifar10", "imagenet2012",
+# digits and mnist5k are the embedded sets of farmer_jax/datasets.py.
+SUPPORTED_NAMES = ("digits", "mnist5k", "mnist", "cifar10", "imagenet2012",
                    "downsampled_imagenet/64x64")
 
 
@@ -89,6 +91,7 @@ def _tf():
 
 
 def _builder(data):
+  from farmer_jax import datasets  # imports tfds: only when data is read
   _tf()
   return datasets.builder(data.name, data.data_dir)
 
@@ -127,6 +130,7 @@ def _as_dataset(data, builder, split, *, shuffle_seed: int | None):
 
 def _check_tfds(data, builder) -> bool:
   """Checks config against the dataset's features; returns whether labels are yielded."""
+  from farmer_jax import datasets
   _check_levels(data, datasets.num_levels(data.name))
   features = builder.info.features
   native = features["image"].shape                    # (H, W, C); H, W None if they vary

@@ -65,7 +65,12 @@ def test_two_processes_train_like_one_process_of_eight_devices(tmp_path):
     c[section][name] = v
   single = tmp_path / "one_process"
   trainer = train.Trainer(c)
-  data = input_pipeline.train_iterator(c.data, global_batch_size=c.train.batch_size, seed=c.seed)
+  # The global batch of two hosts: each reads its own half of the split (tfds's per-process
+  # shares), host 0's rows on the first four devices.
+  hosts = [input_pipeline.train_iterator(c.data, global_batch_size=c.train.batch_size,
+                                         seed=c.seed, process_index=p, process_count=2)
+           for p in range(2)]
+  data = ({k: np.concatenate([b0[k], b1[k]]) for k in b0} for b0, b1 in zip(*hosts))
   ref_losses = []
   with jax.set_mesh(trainer.mesh):
     ref_state = trainer.init()
@@ -101,6 +106,10 @@ def test_two_processes_train_like_one_process_of_eight_devices(tmp_path):
   assert max(diffs) < 0.1 * c.train.learning_rate   # Adam: see test_sharding's tolerance note
 
   with open(multi / "eval" / "metrics.json") as f:
-    bpd_multi = json.load(f)["bpd"]
-  assert abs(bpd_multi - bpd_single) < 1e-3
+    metrics = json.load(f)
+  assert metrics["num_examples"] == 360
+  # Each host evaluates its tfds share of the test split, so the global eval batches hold other
+  # images than one process's and the dequantisation draws fall on other pixels: the same
+  # parameters give the same bpd up to that noise (0.0016 measured at this step).
+  assert abs(metrics["bpd"] - bpd_single) < 5e-3
   assert (multi / "samples" / f"samples_{STEPS}.npz").exists()
