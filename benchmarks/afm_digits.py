@@ -16,19 +16,17 @@ import re
 import sys
 
 import numpy as np
-from scipy import linalg
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.digits_guidance import judge  # noqa: E402
 from farmer_jax import datasets, metrics  # noqa: E402
+from farmer_jax.evaluation import scores  # noqa: E402
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
-  """Frechet distance between Gaussians fitted to the rows of a and b."""
-  mu_a, mu_b = a.mean(0), b.mean(0)
-  cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-  root = linalg.sqrtm(cov_a @ cov_b).real
-  return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * root))
+  """Frechet distance between Gaussians fitted to the rows of a and b (the FID formula)."""
+  return scores.frechet_distance(a.mean(0), np.cov(a, rowvar=False),
+                                 b.mean(0), np.cov(b, rowvar=False))
 
 
 def curve(workdir: str) -> list[dict]:
