@@ -29,6 +29,7 @@ import logging
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 DIGITS, MNIST5K = "digits", "mnist5k"
 
@@ -106,8 +107,8 @@ class Mnist5k(tfds.core.GeneratorBasedBuilder):
   @classmethod
   def arrays(cls):
     """All 5000 images uint8 [n, 28, 28, 1] (0..255) and labels int64 [n], the file's order."""
-    with open(cls.csv_path(), "rb") as f:
-      table = np.loadtxt(io.BytesIO(gzip.decompress(f.read())), delimiter=",", dtype=np.int64)
+    raw = epath.Path(cls.csv_path()).read_bytes()
+    table = np.loadtxt(io.BytesIO(gzip.decompress(raw)), delimiter=",", dtype=np.int64)
     if table.shape != (5000, 785) or table[:, :-1].max() > 255 or table[:, :-1].min() < 0:
       raise ValueError(f"{cls.csv_path()}: expected 5000 rows of 784 pixels in 0..255 and a "
                        f"label, got {table.shape}.")
