@@ -8,7 +8,8 @@ class-conditional samples under unguided, naive-CFG and resampling-CFG sampling.
 
 The data set is `config.data.name` of `--config` (a `get_config()` file, `path[:variant]`; default
 configs/digits.py): one of the embedded tfds sets of farmer_jax/datasets.py (digits, mnist5k).
-Images are judged as pixels in [0, 1]: native levels / (L - 1).
+Images are judged as pixels in [0, 1]: native levels / (L - 1). The model is rebuilt with the
+config that `--workdir` recorded (its config.json, overrides included) over `--config`'s.
 
 - Judge: an RBF support-vector classifier (scikit-learn `SVC`, default C and gamma) trained on the
   set's training split; its accuracy on the test split is `judge_test_accuracy`.
@@ -79,6 +80,31 @@ def load_config(spec: str):
   if not os.path.isfile(path) and os.path.isfile(os.path.join(REPO, path)):
     path = os.path.join(REPO, path)
   return cli.load_config(path + sep + variant)
+
+
+def with_recorded(config, workdir: str | None):
+  """`config` with every field that `workdir`'s config.json records (the config the run was
+  trained with, overrides included), so that a run trained with `--config.model.X=...` is
+  rebuilt as trained. Fields the file does not record keep `config`'s values."""
+  import ml_collections  # noqa: PLC0415
+  from etils import epath  # noqa: PLC0415
+  path = epath.Path(workdir) / "config.json" if workdir else None
+  if path is None or not path.exists():
+    return config
+  recorded = json.loads(path.read_text())
+
+  def overlay(target: ml_collections.ConfigDict, values: dict) -> None:
+    for key, value in values.items():
+      if key not in target:
+        continue
+      if isinstance(target[key], ml_collections.ConfigDict) and isinstance(value, dict):
+        overlay(target[key], value)
+      else:
+        target[key] = value
+
+  with config.unlocked():
+    overlay(config, recorded)
+  return config
 
 
 def flat_unit(images: np.ndarray, num_levels: int) -> np.ndarray:
@@ -217,7 +243,7 @@ def main(argv=None) -> dict:
   args = ap.parse_args(argv)
   if not args.baseline_only and not args.workdir:
     ap.error("--workdir is required unless --baseline_only")
-  config = load_config(args.config)
+  config = with_recorded(load_config(args.config), args.workdir)
   name = config.data.name
   if datasets.num_levels(name) != config.data.num_levels:
     raise ValueError(f"{args.config}: config.data.num_levels = {config.data.num_levels}, but "

@@ -204,3 +204,28 @@ def test_judge_settings_from_names_config_and_extra():
     judge.sampler_settings(["no_such_setting"], {}, config)
   with pytest.raises(ValueError, match="w"):
     judge.sampler_settings(["bad"], {"bad": {"guidance": "resample", "w": -1.0}}, config)
+
+
+def test_judge_rebuilds_the_model_a_workdir_recorded(tmp_path):
+  """A run trained with overrides is judged with them: config.json's fields win over --config's;
+  fields it does not record (or does not know) leave --config's; no config.json, no change."""
+  judge = load_benchmark("digits_guidance")
+  from configs import digits  # noqa: PLC0415
+  from farmer_jax import rundir  # noqa: PLC0415
+  trained = digits.get_config()
+  trained.model.d_informative = 4
+  trained.sample.w = 5.0
+  run = rundir.RunDir(str(tmp_path))
+  rundir.check_config(trained, run)
+  recorded = json.loads(run.config.read_text())
+  del recorded["train"]["num_steps"]
+  recorded["model"]["a_field_of_another_version"] = 1
+  run.config.write_text(json.dumps(recorded))
+
+  config = judge.with_recorded(digits.get_config("tiny"), str(tmp_path))
+  assert (config.model.d_informative, config.sample.w) == (4, 5.0)
+  assert config.model.af_width == trained.model.af_width != digits.get_config("tiny").model.af_width
+  assert config.train.num_steps == digits.get_config("tiny").train.num_steps
+  assert "a_field_of_another_version" not in config.model
+  untouched = judge.with_recorded(digits.get_config(), str(tmp_path / "no_run"))
+  assert untouched.model.d_informative == digits.get_config().model.d_informative
