@@ -24,11 +24,7 @@ from farmer_jax import config_base
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
-  arg, phase = config_base.split_phase(arg)
-  arg = arg or "default"
-  if arg not in ("default", "tiny"):
-    raise ValueError(f"configs/digits.py: unknown variant {arg!r}; use 'default' or 'tiny', "
-                     f"optionally followed by ',distill'.")
+  arg, phase = config_base.split_variant(arg, ("default", "tiny"), "configs/digits.py")
   c = config_base.base_config()
   c.phase = phase
   c.data.update(name="digits", image_size=8, channels=1, num_levels=17, num_classes=10,

@@ -295,3 +295,14 @@ def split_phase(arg: str) -> tuple[str, str]:
     phase = parts.pop()
   return ",".join(parts), phase
 
+
+def split_variant(arg: str, variants: tuple[str, ...], where: str) -> tuple[str, str]:
+  """A config argument "VARIANT[,PHASE]" -> (variant, phase) for a config file with named
+  variants; `variants[0]` when none is given. An unknown variant raises ValueError naming `where`
+  (the config file) and the choices."""
+  variant, phase = split_phase(arg)
+  variant = variant or variants[0]
+  if variant not in variants:
+    raise ValueError(f"{where}: unknown variant {variant!r}; use one of "
+                     f"{', '.join(map(repr, variants))}, optionally followed by ',distill'.")
+  return variant, phase

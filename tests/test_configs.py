@@ -97,3 +97,14 @@ def test_mnist_tiny_trains_evaluates_and_samples_on_mnist5k(tmp_path):
   samples = np.load(tmp_path / "samples" / "samples_10.npz")
   assert samples["images"].shape == (10, 28, 28, 1) and int(samples["num_levels"]) == 256
   np.testing.assert_array_equal(np.sort(samples["labels"]), np.arange(10))
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist"])
+def test_config_variants_and_phase(name):
+  module = importlib.import_module(f"configs.{name}")
+  assert module.get_config("").phase == "train"
+  assert module.get_config("tiny,distill").phase == "distill"
+  assert (module.get_config("distill").model.af_width == module.get_config().model.af_width
+          != module.get_config("tiny").model.af_width)
+  with pytest.raises(ValueError, match=rf"configs/{name}\.py: unknown variant 'huge'.*'tiny'"):
+    module.get_config("huge,distill")
