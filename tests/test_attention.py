@@ -65,6 +65,38 @@ def test_kv_cached_decoding_equals_einsum_and_the_full_pass(impl):
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ("einsum",) + CPU_IMPLEMENTATIONS)
+def test_decoding_at_an_array_of_positions(impl):
+  """`index` as positions [T] (one per run, as strided sweeps decode): with the cache filled up
+  to and including the largest position, queries at scattered positions give the full pass's rows
+  there; decoding every position one run-step at a time in strided order (runs of 5 positions,
+  step j decodes positions j and 5 + j) from an empty cache leaves the cache and the last run's
+  outputs of the full pass, and an earlier cache entry left at zero changes the answer."""
+  x = jax.random.normal(jax.random.key(4), (2, 10, 64))
+  layer = attention(impl)
+  params = attention("einsum").init(jax.random.key(5), x)["params"]
+  full, _ = layer.apply({"params": params}, x)
+  zeros = jnp.zeros((2, 4, 10, 16))
+  _, filled = layer.apply({"params": params}, x, (zeros, zeros), 0)
+  positions = jnp.array([7, 2, 9, 0])
+  out, cache = layer.apply({"params": params}, x[:, positions], filled, positions)
+  np.testing.assert_allclose(out, full[:, positions], atol=1e-5)
+  np.testing.assert_allclose(cache[0], filled[0], atol=1e-6)
+
+  cache, outs = (zeros, zeros), []
+  for j in range(5):
+    step = jnp.array([j, 5 + j])
+    out, cache = layer.apply({"params": params}, x[:, step], cache, step)
+    outs.append(out)
+  np.testing.assert_allclose(cache[0], filled[0], atol=1e-6)
+  np.testing.assert_allclose(cache[1], filled[1], atol=1e-6)
+  first_run = jnp.stack([o[:, 0] for o in outs], axis=1)
+  np.testing.assert_allclose(first_run, full[:, :5], atol=1e-5)   # it reads only its own run
+  second_run = jnp.stack([o[:, 1] for o in outs], axis=1)          # it read zeros for run 0's
+  assert float(jnp.max(jnp.abs(second_run[:, :4] - full[:, 5:9]))) > 1e-2  # later positions
+  np.testing.assert_allclose(second_run[:, 4], full[:, 9], atol=1e-5)  # all written by then
+
+
 def test_bfloat16_dot_product_agrees_with_einsum_to_bfloat16_precision():
   x = jax.random.normal(jax.random.key(8), (2, 12, 64))
   layer = lambda impl: layers.Attention(64, 16, True, jnp.bfloat16, impl)

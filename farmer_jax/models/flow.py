@@ -276,45 +276,6 @@ class AffineBlock(nn.Module):
       x_BxNxD = jnp.concatenate([z_BxNxD[:, :1], x_BxNxD], axis=1)
     return self._order(x_BxNxD), jnp.sum(passes_R)
 
-  def _decode_strided(self, h_BxRxW: jax.Array, caches, positions_R: jax.Array):
-    """The block's Transformer on R tokens at arbitrary positions against one KV cache ->
-    (out [B, R, W], caches with their keys and values written at `positions_R`).
-
-    `layers.Transformer` decodes one contiguous position range per call; strided sweeps need one
-    position per run, so this runs its layers from their parameters: the same modules (layer
-    norms, MLP) and products as `layers.Attention`, the keys scattered at `positions_R` and each
-    query masked at its own position by `layers.attend`. Tests hold it to the sequential inverse.
-    """
-    params = nn.meta.unbox(self.variables["params"]["transformer"])
-    depth = self.transformer.depth
-    if self.transformer.scan_layers:
-      per_layer = [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(depth)]
-      kv = [(caches[0][i], caches[1][i]) for i in range(depth)]
-    else:
-      per_layer = [params[f"layer_{i}"] for i in range(depth)]
-      kv = list(caches)
-    # Unbound (parent=None): applied to the parameters read above, not registered in this block.
-    ln = nn.LayerNorm(dtype=self.dtype, parent=None)   # layers.layer_norm's settings
-    norm = lambda p, x: ln.apply({"params": p}, x)
-    mlp = layers.MLP(self.width, self.transformer.mlp_ratio, self.dtype, parent=None)
-    x_BxRxW = h_BxRxW.astype(self.dtype)
-    for i, p in enumerate(per_layer):
-      a = p["attn"]
-      qkv = jnp.einsum("btw,chkw->cbhtk", norm(p["ln_attn"], x_BxRxW), a["qkv"].astype(self.dtype))
-      qkv = qkv + a["qkv_bias"].astype(self.dtype)[:, None, :, None, :]
-      k_c, v_c = kv[i]
-      k_c = k_c.at[:, :, positions_R].set(qkv[1].astype(k_c.dtype))
-      v_c = v_c.at[:, :, positions_R].set(qkv[2].astype(v_c.dtype))
-      kv[i] = (k_c, v_c)
-      o_BxHxRxK = layers.attend(qkv[0], k_c, v_c, positions_R, True, self.transformer.attention,
-                                self.dtype)
-      x_BxRxW = x_BxRxW + jnp.einsum("bhtk,hkw->btw", o_BxHxRxK.astype(self.dtype),
-                                     a["out"].astype(self.dtype)) + a["out_bias"].astype(self.dtype)
-      x_BxRxW = x_BxRxW + mlp.apply({"params": p["mlp"]}, norm(p["ln_mlp"], x_BxRxW))
-    if self.transformer.scan_layers:
-      kv = (jnp.stack([k for k, _ in kv]), jnp.stack([v for _, v in kv]))
-    return norm(params["ln_final"], x_BxRxW), kv
-
   def inverse_strided(self, z_BxNxD: jax.Array, labels_B: jax.Array | None, x0_BxNxD: jax.Array,
                       segments: int, tolerance: float = 0.0, max_sweeps: int = 0
                       ) -> tuple[jax.Array, jax.Array]:
@@ -360,7 +321,7 @@ class AffineBlock(nn.Module):
       positions_R = jnp.arange(runs) * seg + j
       h_BxRxW = block._decode_inputs(inputs(u_BxQxD)[:, positions_R], positions_R,
                                      pos_QxW[positions_R], labels_B)
-      out_BxRxW, caches = block._decode_strided(h_BxRxW, caches, positions_R)
+      out_BxRxW, caches = block.transformer(h_BxRxW, caches, positions_R)
       x_BxRxD = block._emit(out_BxRxW, zu_BxQxD[:, positions_R])
       x_BxRxD = jnp.where(valid_Q[positions_R][None, :, None], x_BxRxD, 0.0)
       change = jnp.maximum(change, jnp.max(jnp.abs(x_BxRxD - u_BxQxD[:, positions_R])))

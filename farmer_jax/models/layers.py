@@ -252,9 +252,11 @@ class Attention(nn.Module):
 
   Q, K and V come from one fused projection, written in the [B, H, T, K] layout the products take.
   Without a cache, x [B, N, W] attends within itself. With `cache = (k, v)` ([B, H, L, K], the full
-  preallocated length L) and `index`, x [B, T, W] holds positions index .. index+T-1: their keys and
-  values are written into the cache in place (dynamic_update_slice, no growth) and the queries attend
-  causally to positions <= their own. Returns (out [B, T, W], new cache or None).
+  preallocated length L) and `index`, x [B, T, W] holds positions index .. index+T-1 (`index` a
+  scalar) or the positions index[0], ..., index[T-1] (`index` an int array [T], e.g. one position
+  per run of a strided sweep): their keys and values are written into the cache in place (no
+  growth) and each query attends to the cached positions <= its own. Returns (out [B, T, W], new
+  cache or None).
   """
   width: int
   head_dim: int = 64
@@ -282,13 +284,18 @@ class Attention(nn.Module):
     q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = qkv_3xBxHxTxK[0], qkv_3xBxHxTxK[1], qkv_3xBxHxTxK[2]
     t = x_BxTxW.shape[1]
     q_pos = jnp.arange(t)
-    if cache is not None:
+    if cache is not None and jnp.ndim(index) == 0:    # positions index .. index + T - 1
       k_BxHxSxK = jax.lax.dynamic_update_slice_in_dim(cache[0], k_BxHxSxK.astype(cache[0].dtype),
                                                       index, axis=2)
       v_BxHxSxK = jax.lax.dynamic_update_slice_in_dim(cache[1], v_BxHxSxK.astype(cache[1].dtype),
                                                       index, axis=2)
       cache = (k_BxHxSxK, v_BxHxSxK)
       q_pos = q_pos + index
+    elif cache is not None:                           # one position per query: index [T]
+      k_BxHxSxK = cache[0].at[:, :, index].set(k_BxHxSxK.astype(cache[0].dtype))
+      v_BxHxSxK = cache[1].at[:, :, index].set(v_BxHxSxK.astype(cache[1].dtype))
+      cache = (k_BxHxSxK, v_BxHxSxK)
+      q_pos = index
     out_BxHxTxK = attend(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos, self.causal or cache is not None,
                          self.attention, self.dtype)
     w_out = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
@@ -335,7 +342,8 @@ class Transformer(nn.Module):
   """`depth` pre-norm layers followed by a final layer norm, input and output [B, T, W].
 
   `caches` (from `init_cache`) and `index` switch on incremental decoding: x then holds positions
-  index .. index+T-1 and the call returns (out, new caches); without them it returns out.
+  index .. index+T-1 (or, for an int array index [T], those positions; `Attention`) and the call
+  returns (out, new caches); without them it returns out.
 
   `scan_layers` stacks the layers' parameters on a leading `layers` axis and runs them with
   `nn.scan` (one compiled layer body: compile time independent of depth); `remat` names a policy
