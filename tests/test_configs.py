@@ -108,3 +108,13 @@ def test_config_variants_and_phase(name):
           != module.get_config("tiny").model.af_width)
   with pytest.raises(ValueError, match=rf"configs/{name}\.py: unknown variant 'huge'.*'tiny'"):
     module.get_config("huge,distill")
+
+
+def test_mnist_samples_variant_is_the_default_model_trained_with_noise():
+  from configs import mnist  # noqa: PLC0415
+  default, samples = mnist.get_config(), mnist.get_config("samples")
+  assert samples.model.to_dict() == default.model.to_dict()
+  assert samples.train.num_steps == default.train.num_steps
+  assert (default.train.noise_max, default.train.noise_min, default.sample.denoise) == (0, 0, False)
+  assert samples.train.noise_max == samples.train.noise_min > 0 and samples.sample.denoise
+  config_check.validate(samples)
