@@ -14,11 +14,11 @@ and the comparison with FARMER's own sampler (class accuracy, speed):
     python benchmarks/afm.py --workdir=runs/digits
 
 Variants, `--config=configs/afm_farmer_latent.py:VARIANT`:
-    default           on configs/digits.py's FARMER (d_I = 2 of 4 channels, 4x4 tokens): G and D of
-                      2 adaLN layers at width 64 over the 4x4x2 grid of standardised z^I, one token
-                      per latent token (afm.patch_size 1); samples every 500 steps. 10,000
-                      steps took 25 minutes on 2 CPU cores and reached class accuracy 0.940 on
-                      the default digits FARMER (docs/afm.md);
+    default           on configs/digits.py's FARMER (4x4 tokens, d_I of 4 channels): G and D of
+                      2 adaLN layers at width 64 over the 4x4xd_I grid of standardised z^I, one
+                      token per latent token (afm.patch_size 1); samples every 500 steps. 10,000
+                      steps took 25 minutes on 2 CPU cores and reached class accuracy 0.940 on a
+                      digits FARMER with d_I = 2 (docs/afm.md);
     tiny              configs/digits.py:tiny's FARMER, a few steps, for tests;
     imagenet256_1p9b  on configs/imagenet256_1p9b.py:16's FARMER (d_I = 128 of 768, 16x16 tokens):
                       G and D of the paper's XL size (28 layers at width 1152) over 256 tokens of
