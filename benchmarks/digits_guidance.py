@@ -9,7 +9,8 @@ class-conditional samples under unguided, naive-CFG and resampling-CFG sampling.
 The data set is `config.data.name` of `--config` (a `get_config()` file, `path[:variant]`; default
 configs/digits.py): one of the embedded tfds sets of farmer_jax/datasets.py (digits, mnist5k).
 Images are judged as pixels in [0, 1]: native levels / (L - 1). The model is rebuilt with the
-config that `--workdir` recorded (its config.json, overrides included) over `--config`'s.
+model, data and train sections that `--workdir` recorded (its config.json, overrides included)
+over `--config`'s; the sampler (`config`) is `--config`'s.
 
 - Judge: an RBF support-vector classifier (scikit-learn `SVC`, default C and gamma) trained on the
   set's training split; its accuracy on the test split is `judge_test_accuracy`.
@@ -82,10 +83,14 @@ def load_config(spec: str):
   return cli.load_config(path + sep + variant)
 
 
+RECORDED_SECTIONS = ("model", "data", "train")
+
+
 def with_recorded(config, workdir: str | None):
-  """`config` with every field that `workdir`'s config.json records (the config the run was
-  trained with, overrides included), so that a run trained with `--config.model.X=...` is
-  rebuilt as trained. Fields the file does not record keep `config`'s values."""
+  """`config` with the model, data and train fields that `workdir`'s config.json records (the
+  config the run was trained with, overrides included), so that a run trained with
+  `--config.model.X=...` is rebuilt as trained (and denoises with the noise it was trained
+  with). The sampler stays `config`'s; fields the file does not record keep `config`'s values."""
   import ml_collections  # noqa: PLC0415
   from etils import epath  # noqa: PLC0415
   path = epath.Path(workdir) / "config.json" if workdir else None
@@ -103,7 +108,7 @@ def with_recorded(config, workdir: str | None):
         target[key] = value
 
   with config.unlocked():
-    overlay(config, recorded)
+    overlay(config, {k: v for k, v in recorded.items() if k in RECORDED_SECTIONS})
   return config
 
 
