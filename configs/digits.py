@@ -5,7 +5,7 @@ Launch (from the repository root):
     python -m farmer_jax.main --config=configs/digits.py --workdir=runs/digits
 
 Variants, chosen with `--config=configs/digits.py:VARIANT`:
-    default  the full run (about 9 minutes on 2 CPU cores, 0.57M parameters), test bpd and a sample grid;
+    default  the full run (6-9 minutes on 2 CPU cores, 0.57M parameters), test bpd and a sample grid;
     tiny     a few dozen steps of a very small model, for tests and smoke runs.
 A trailing `,distill` (`configs/digits.py:distill`, `:tiny,distill`) runs the distillation phase
 (SPEC sec. 6) on the trained workdir: the one-step student of the AF inverse, in <workdir>/distill:
