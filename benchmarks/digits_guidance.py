@@ -92,11 +92,10 @@ def with_recorded(config, workdir: str | None):
   `--config.model.X=...` is rebuilt as trained (and denoises with the noise it was trained
   with). The sampler stays `config`'s; fields the file does not record keep `config`'s values."""
   import ml_collections  # noqa: PLC0415
-  from etils import epath  # noqa: PLC0415
-  path = epath.Path(workdir) / "config.json" if workdir else None
-  if path is None or not path.exists():
+  from farmer_jax import rundir  # noqa: PLC0415
+  recorded = rundir.read_json(rundir.RunDir(workdir).config) if workdir else None
+  if recorded is None:
     return config
-  recorded = json.loads(path.read_text())
 
   def overlay(target: ml_collections.ConfigDict, values: dict) -> None:
     for key, value in values.items():
