@@ -2,7 +2,7 @@ r"""The sample-quality judge of an embedded data set: class accuracy and Frechet
 class-conditional samples under unguided, naive-CFG and resampling-CFG sampling.
 
     python benchmarks/digits_guidance.py --workdir=runs/digits [--config=configs/digits.py]
-        [--per_class=50] [--settings=resample_w3,unguided_T1_s1,config]
+        [--per_class=50] [--seeds=1] [--settings=resample_w3,unguided_T1_s1,config]
         [--extra='{"w2_ts0.9": {"guidance": "resample", "w": 2.0, "t_sigma": 0.9}}'] [--out=FILE]
     python benchmarks/digits_guidance.py --baseline_only [--config=configs/digits.py]
 
@@ -22,9 +22,11 @@ over `--config`'s; the sampler (`config`) is `--config`'s.
   Fewer dimensions make the distance less dominated by the pixel-level noise of a few hundred
   samples in 64 (digits) or 784 (mnist5k) dimensions.
 
-Each setting samples `per_class` images of every class with jax.random.key(0) from the latest
-checkpoint of `--workdir` (trained with `--config`); grids (first 10 of each class, rows = classes)
-go to `<workdir>/guidance/<setting>.png`. Settings are names of `SETTINGS`, `config` (the config's
+Each setting samples `per_class` images of every class with jax.random.key(seed) for each of
+`--seeds` seeds (0, 1, ...) from the latest checkpoint of `--workdir` (trained with `--config`);
+a setting's figures are the means over seeds, with their standard deviation and the per-seed
+figures beside them (one seed: no spread). Grids (seed 0's first 10 of each class, rows =
+classes) go to `<workdir>/guidance/<setting>.png`. Settings are names of `SETTINGS`, `config` (the config's
 own `config.sample` sampler, with its `denoise`), or names defined by `--extra`: a JSON object
 {name: {SamplerConfig field: value, ..., optionally "denoise": true}}. Without `--settings` every
 name of `SETTINGS` runs; the `--extra` names run in addition.
@@ -34,9 +36,9 @@ needs no workdir):
 - test_split: the real test images; class_accuracy is the judge's test accuracy and the distances
   are to the training split (two finite samples of the same distribution: a floor, not 0).
 - gmm_per_class: per class, scikit-learn `GaussianMixture(3, covariance_type="full",
-  random_state=0)` fitted on that class's training images in [0, 1], sampled `per_class` times;
+  random_state=seed)` fitted on that class's training images in [0, 1], sampled `per_class` times;
   samples are clipped to [0, 1] and rounded to the nearest of the set's L levels, as model samples
-  are integer levels. `--gmm_components=0` skips it.
+  are integer levels; over the same seeds as the settings. `--gmm_components=0` skips it.
 Last line of stdout: one JSON object.
 """
 import argparse
@@ -159,7 +161,7 @@ class Judge:
             "distances_to": "train split"}
 
 
-def gmm_per_class_samples(name: str, per_class: int, components: int
+def gmm_per_class_samples(name: str, per_class: int, components: int, seed: int = 0
                           ) -> tuple[np.ndarray, np.ndarray]:
   """Per class a full-covariance GaussianMixture on the training images in [0, 1], sampled
   `per_class` times, clipped to [0, 1], rounded to levels -> (uint8 images [10 * per_class, H, W,
@@ -168,7 +170,7 @@ def gmm_per_class_samples(name: str, per_class: int, components: int
   x_tr, y_tr = datasets.load_split(name, "train")
   images, labels = [], []
   for c in np.unique(y_tr):
-    gmm = GaussianMixture(components, covariance_type="full", random_state=0)
+    gmm = GaussianMixture(components, covariance_type="full", random_state=seed)
     x, _ = gmm.fit(flat_unit(x_tr[y_tr == c], levels)).sample(per_class)
     images.append(np.rint(np.clip(x, 0.0, 1.0) * (levels - 1)).astype(np.uint8))
     labels.append(np.full(per_class, c, np.int32))
@@ -196,8 +198,24 @@ def sampler_settings(names: list[str], extra: dict, config) -> dict:
   return out
 
 
-def sample_settings(config, workdir: str, settings: dict, per_class: int, judge_fn) -> tuple:
-  """Samples every setting from the latest checkpoint of `workdir` -> (step, results)."""
+FIGURES = ("class_accuracy", "pixel_fd", "pca_fd")
+
+
+def over_seeds(per_seed: list[dict]) -> dict:
+  """The judge's figures of one sampler under several seeds -> their means (rounded as the judge
+  rounds), `<figure>_std` (population standard deviation) and the per-seed figures."""
+  out = {f: round(float(np.mean([r[f] for r in per_seed])), 4) for f in FIGURES}
+  out["num_images"] = per_seed[0]["num_images"]
+  if len(per_seed) > 1:
+    out.update({f"{f}_std": round(float(np.std([r[f] for r in per_seed])), 4) for f in FIGURES})
+    out["per_seed"] = [{f: r[f] for f in FIGURES} for r in per_seed]
+  return out
+
+
+def sample_settings(config, workdir: str, settings: dict, per_class: int, judge_fn,
+                    seeds: int = 1) -> tuple:
+  """Samples every setting from the latest checkpoint of `workdir` under keys 0..seeds-1
+  -> (step, results)."""
   import jax  # noqa: PLC0415 (only when sampling)
   from farmer_jax import rundir, sample, train  # noqa: PLC0415
   trainer = train.Trainer(config)
@@ -211,21 +229,27 @@ def sample_settings(config, workdir: str, settings: dict, per_class: int, judge_
   results = {}
   for name, (s, denoise) in settings.items():
     t0 = time.perf_counter()
-    images = sample.generate(trainer.model, params, labels, jax.random.key(0),
-                             batch_size=config.sample.batch_size, sampler=s,
-                             denoise_sigma=config.train.noise_min if denoise else 0.0,
-                             progress=False)
-    results[name] = {**judge_fn(images, labels), "sampler": dataclasses.asdict(s),
+    per_seed = []
+    for seed in range(seeds):
+      images = sample.generate(trainer.model, params, labels, jax.random.key(seed),
+                               batch_size=config.sample.batch_size, sampler=s,
+                               denoise_sigma=config.train.noise_min if denoise else 0.0,
+                               progress=False)
+      per_seed.append(judge_fn(images, labels))
+      if seed == 0:
+        sample.save_grid_png(os.path.join(workdir, "guidance", f"{name}.png"), images[grid_idx],
+                             config.data.num_levels, rows=num_classes)
+    results[name] = {**over_seeds(per_seed), "sampler": dataclasses.asdict(s),
                      "denoise": denoise, "seconds": round(time.perf_counter() - t0, 1)}
-    sample.save_grid_png(os.path.join(workdir, "guidance", f"{name}.png"), images[grid_idx],
-                         config.data.num_levels, rows=num_classes)
     log(name, results[name])
   return int(state.step), results
 
 
 def log(name: str, r: dict) -> None:
-  print(f"{name}: class accuracy {r['class_accuracy']:.3f}, pixel FD {r['pixel_fd']:.4f}, "
-        f"PCA FD {r['pca_fd']:.4f}" + (f" ({r['seconds']} s)" if "seconds" in r else ""),
+  def fig(f, fmt):
+    return format(r[f], fmt) + (f" +- {r[f + '_std']:{fmt}}" if f + "_std" in r else "")
+  print(f"{name}: class accuracy {fig('class_accuracy', '.3f')}, pixel FD {fig('pixel_fd', '.4f')}, "
+        f"PCA FD {fig('pca_fd', '.4f')}" + (f" ({r['seconds']} s)" if "seconds" in r else ""),
         file=sys.stderr, flush=True)
 
 
@@ -236,6 +260,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--baseline_only", action="store_true",
                   help="judge only the references (test split, per-class GMM); no workdir")
   ap.add_argument("--per_class", type=int, default=50)
+  ap.add_argument("--seeds", type=int, default=1,
+                  help="sampling seeds per setting and for the GMM (figures: their means)")
   ap.add_argument("--settings", default=None,
                   help=f"comma-separated names: of SETTINGS ({','.join(SETTINGS)}), 'config', or "
                        f"of --extra (default: all of SETTINGS)")
@@ -247,6 +273,8 @@ def main(argv=None) -> dict:
   args = ap.parse_args(argv)
   if not args.baseline_only and not args.workdir:
     ap.error("--workdir is required unless --baseline_only")
+  if args.seeds < 1 or args.per_class < 1:
+    ap.error(f"--seeds ({args.seeds}) and --per_class ({args.per_class}) must be >= 1")
   config = with_recorded(load_config(args.config), args.workdir)
   name = config.data.name
   if datasets.num_levels(name) != config.data.num_levels:
@@ -267,16 +295,19 @@ def main(argv=None) -> dict:
   log("test_split", references["test_split"])
   if args.gmm_components > 0:
     t0 = time.perf_counter()
-    images, labels = gmm_per_class_samples(name, args.per_class, args.gmm_components)
-    references["gmm_per_class"] = {**j(images, labels), "components": args.gmm_components,
+    references["gmm_per_class"] = {
+        **over_seeds([j(*gmm_per_class_samples(name, args.per_class, args.gmm_components, seed))
+                      for seed in range(args.seeds)]),
+        "components": args.gmm_components,
                                    "seconds": round(time.perf_counter() - t0, 1)}
     log("gmm_per_class", references["gmm_per_class"])
 
   step, results = None, {}
   if settings:
-    step, results = sample_settings(config, args.workdir, settings, args.per_class, j)
+    step, results = sample_settings(config, args.workdir, settings, args.per_class, j,
+                                    args.seeds)
   out = {"dataset": name, "config": args.config, "workdir": args.workdir, "step": step,
-         "per_class": args.per_class, "num_levels": j.num_levels,
+         "per_class": args.per_class, "seeds": args.seeds, "num_levels": j.num_levels,
          "judge": f"sklearn SVC (RBF) on the real {name} train split, pixels / (L - 1)",
          "judge_test_accuracy": j.test_accuracy,
          "frechet": f"Gaussians fitted to the images and to the {len(j.test)} test images, in "

@@ -162,10 +162,11 @@ def test_gmm_baseline_pca_family_is_a_density_in_the_full_space(capsys):
 def test_judge_baseline_only_on_digits(tmp_path, capsys):
   """The sample judge without a model: the real test split scores the judge's accuracy and a
   distance to train near the floor; the per-class GMM samples are levels of the set and score high
-  accuracy at a larger distance; uniform noise scores chance and a far larger distance."""
+  accuracy at a larger distance; uniform noise scores chance and a far larger distance. Over two
+  seeds the GMM's figures are the means of two different draws."""
   judge = load_benchmark("digits_guidance")
   out_file = tmp_path / "judge.json"
-  result = judge.main(["--baseline_only", "--per_class=20", f"--out={out_file}"])
+  result = judge.main(["--baseline_only", "--per_class=20", "--seeds=2", f"--out={out_file}"])
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
   assert json.loads(out_file.read_text()) == result
   assert result["dataset"] == "digits" and result["results"] == {} and result["step"] is None
@@ -173,6 +174,12 @@ def test_judge_baseline_only_on_digits(tmp_path, capsys):
   test_ref, gmm_ref = result["references"]["test_split"], result["references"]["gmm_per_class"]
   assert test_ref["class_accuracy"] == round(result["judge_test_accuracy"], 4) > 0.95
   assert gmm_ref["class_accuracy"] > 0.9 and gmm_ref["num_images"] == 200
+  assert result["seeds"] == 2 and len(gmm_ref["per_seed"]) == 2
+  for f in ("class_accuracy", "pixel_fd", "pca_fd"):
+    draws = [r[f] for r in gmm_ref["per_seed"]]
+    assert gmm_ref[f] == pytest.approx(np.mean(draws), abs=1e-4), f
+    assert gmm_ref[f + "_std"] == pytest.approx(np.std(draws), abs=1e-4), f
+  assert gmm_ref["per_seed"][0]["pixel_fd"] != gmm_ref["per_seed"][1]["pixel_fd"]
   for fd in ("pixel_fd", "pca_fd"):
     assert 0 < test_ref[fd] < gmm_ref[fd], fd
 
@@ -230,3 +237,24 @@ def test_judge_rebuilds_the_model_a_workdir_recorded(tmp_path):
   assert "a_field_of_another_version" not in config.model
   untouched = judge.with_recorded(digits.get_config(), str(tmp_path / "no_run"))
   assert untouched.model.d_informative == digits.get_config().model.d_informative
+
+
+def test_judge_samples_a_trained_workdir_over_seeds(tmp_path):
+  """The judge samples a trained run's checkpoint: per seed its own key (different samples, hence
+  different figures), the means and spreads over them, seed 0's grid in <workdir>/guidance."""
+  judge = load_benchmark("digits_guidance")
+  from configs import digits  # noqa: PLC0415
+  from farmer_jax import train  # noqa: PLC0415
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(digits.get_config("tiny"), workdir, stop_after_steps=3)
+  result = judge.main(["--config=configs/digits.py:tiny", f"--workdir={workdir}", "--per_class=3",
+                       "--seeds=2", "--settings=unguided_T1_s1,config", "--gmm_components=0"])
+  assert result["step"] == 3 and result["seeds"] == 2 and "gmm_per_class" not in result["references"]
+  assert list(result["results"]) == ["unguided_T1_s1", "config"]
+  for name, r in result["results"].items():
+    assert r["num_images"] == 30 and len(r["per_seed"]) == 2, name
+    assert r["per_seed"][0] != r["per_seed"][1], name
+    for f in ("class_accuracy", "pixel_fd", "pca_fd"):
+      assert r[f] == pytest.approx(np.mean([s[f] for s in r["per_seed"]]), abs=1e-4), (name, f)
+    assert os.path.getsize(os.path.join(workdir, "guidance", f"{name}.png")) > 0
+  assert result["results"]["config"]["sampler"]["guidance"] == "resample"
