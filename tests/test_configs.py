@@ -110,6 +110,18 @@ def test_config_variants_and_phase(name):
     module.get_config("huge,distill")
 
 
+def test_digits_wide_variant_is_the_default_schedule_on_a_wider_model():
+  from configs import digits  # noqa: PLC0415
+  default, wide = digits.get_config(), digits.get_config("wide")
+  assert (wide.model.af_width, wide.model.prior_width) == (96, 96) != (default.model.af_width,
+                                                                      default.model.prior_width)
+  assert wide.train.weight_decay > default.train.weight_decay
+  assert wide.train.num_steps == default.train.num_steps
+  assert wide.sample.to_dict() == default.sample.to_dict()
+  assert digits.get_config("wide,distill").phase == "distill"
+  config_check.validate(wide)
+
+
 def test_mnist_samples_variant_is_the_default_model_trained_with_noise():
   from configs import mnist  # noqa: PLC0415
   default, samples = mnist.get_config(), mnist.get_config("samples")
