@@ -26,10 +26,10 @@ Each setting samples `per_class` images of every class with jax.random.key(seed)
 `--seeds` seeds (0, 1, ...) from the latest checkpoint of `--workdir` (trained with `--config`);
 a setting's figures are the means over seeds, with their standard deviation and the per-seed
 figures beside them (one seed: no spread). Grids (seed 0's first 10 of each class, rows =
-classes) go to `<workdir>/guidance/<setting>.png`. Settings are names of `SETTINGS`, `config` (the config's
-own `config.sample` sampler, with its `denoise`), or names defined by `--extra`: a JSON object
-{name: {SamplerConfig field: value, ..., optionally "denoise": true}}. Without `--settings` every
-name of `SETTINGS` runs; the `--extra` names run in addition.
+classes) go to `<workdir>/guidance/<setting>.png`. Settings are names of `SETTINGS`, `config`
+(the config's own `config.sample` sampler, with its `denoise`), or names defined by `--extra`: a
+JSON object {name: {SamplerConfig field: value, ..., optionally "denoise": true}}. Without
+`--settings` every name of `SETTINGS` runs; the `--extra` names run in addition.
 
 References, judged the same way (`references` in the JSON; `--baseline_only` runs only these and
 needs no workdir):
@@ -248,8 +248,9 @@ def sample_settings(config, workdir: str, settings: dict, per_class: int, judge_
 def log(name: str, r: dict) -> None:
   def fig(f, fmt):
     return format(r[f], fmt) + (f" +- {r[f + '_std']:{fmt}}" if f + "_std" in r else "")
-  print(f"{name}: class accuracy {fig('class_accuracy', '.3f')}, pixel FD {fig('pixel_fd', '.4f')}, "
-        f"PCA FD {fig('pca_fd', '.4f')}" + (f" ({r['seconds']} s)" if "seconds" in r else ""),
+  print(f"{name}: class accuracy {fig('class_accuracy', '.3f')}, "
+        f"pixel FD {fig('pixel_fd', '.4f')}, PCA FD {fig('pca_fd', '.4f')}"
+        + (f" ({r['seconds']} s)" if "seconds" in r else ""),
         file=sys.stderr, flush=True)
 
 

@@ -11,8 +11,9 @@ Variants, chosen with `--config=configs/digits.py:VARIANT`:
              Frechet distance, at a test bpd of 2.133 against the default's 2.090
              (docs/sampling.md);
     tiny     a few dozen steps of a very small model, for tests and smoke runs.
-A trailing `,distill` (`configs/digits.py:distill`, `:tiny,distill`, `:wide,distill`) runs the distillation phase
-(SPEC sec. 6) on the trained workdir: the one-step student of the AF inverse, in <workdir>/distill:
+A trailing `,distill` (`configs/digits.py:distill`, `:tiny,distill`, `:wide,distill`) runs the
+distillation phase (SPEC sec. 6) on the trained workdir: the one-step student of the AF inverse,
+in <workdir>/distill:
 
     python -m farmer_jax.main --config=configs/digits.py:distill --workdir=runs/digits
 
