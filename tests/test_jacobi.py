@@ -216,7 +216,10 @@ def test_sharded_parallel_sampler_equals_one_device(inverse):
     mesh = sample.generate(model, params, labels, jax.random.key(3), parallel=spec,
                            passes=passes_mesh, out_sharding=sharding.replicated(trainer.mesh),
                            **kwargs)
-  np.testing.assert_allclose(mesh, one, atol=1e-5)
+  # Shards of 1 image reduce in another order than a batch of 8: float32 rounding, carried through
+  # the inverse's exponentiated scales, reaches 1.5e-5; a sharding error (a wrong shard or a
+  # convergence test that is not the max over shards) moves values by orders more, or the passes.
+  np.testing.assert_allclose(mesh, one, atol=1e-4)
   np.testing.assert_array_equal(passes_mesh, passes_one)
   np.testing.assert_allclose(one, seq, atol=1e-4)
   assert float(np.std(one)) > 0.05
