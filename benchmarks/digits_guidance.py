@@ -21,15 +21,21 @@ over `--config`'s; the sampler (`config`) is `--config`'s.
   fitted on the training split; the share of the training variance they explain is reported.
   Fewer dimensions make the distance less dominated by the pixel-level noise of a few hundred
   samples in 64 (digits) or 784 (mnist5k) dimensions.
+- pixel_mean_term, pixel_variance: the pixel FD's parts, ||mu - mu_test||^2 and tr(Sigma) of
+  the images (test_split's own variance is the target): the FD is the mean term plus
+  tr(Sigma) + tr(Sigma_test) - 2 tr((Sigma Sigma_test)^(1/2)), so they tell a biased mean, too
+  little variance (collapse) and variance in the wrong directions apart.
 
 Each setting samples `per_class` images of every class with jax.random.key(seed) for each of
 `--seeds` seeds (0, 1, ...) from the latest checkpoint of `--workdir` (trained with `--config`);
 a setting's figures are the means over seeds, with their standard deviation and the per-seed
 figures beside them (one seed: no spread). Grids (seed 0's first 10 of each class, rows =
-classes) go to `<workdir>/guidance/<setting>.png`. Settings are names of `SETTINGS`, `config`
-(the config's own `config.sample` sampler, with its `denoise`), or names defined by `--extra`: a
-JSON object {name: {SamplerConfig field: value, ..., optionally "denoise": true}}. Without
-`--settings` every name of `SETTINGS` runs; the `--extra` names run in addition.
+classes) go to `<workdir>/guidance/<setting>.png` (`<setting>-2.png`, ... when an earlier judge
+wrote that name; the path is the setting's `grid` in the JSON). Settings are names of
+`SETTINGS`, `config` (the config's own `config.sample` sampler, with its `denoise`), or names
+defined by `--extra`: a JSON object {name: {SamplerConfig field: value, ..., optionally
+"denoise": true}}. Without `--settings` every name of `SETTINGS` runs; the `--extra` names run in
+addition.
 
 References, judged the same way (`references` in the JSON; `--baseline_only` runs only these and
 needs no workdir):
@@ -143,9 +149,14 @@ class Judge:
 
   def distances(self, flat: np.ndarray, stats=None) -> dict:
     pixel, pca = stats or self.test_stats
-    return {"pixel_fd": round(scores.frechet_distance(*scores.statistics(flat), *pixel), 4),
+    mu, sigma = scores.statistics(flat)
+    return {"pixel_fd": round(scores.frechet_distance(mu, sigma, *pixel), 4),
             "pca_fd": round(scores.frechet_distance(
-                *scores.statistics(self.pca.transform(flat)), *pca), 4)}
+                *scores.statistics(self.pca.transform(flat)), *pca), 4),
+            # The pixel FD's parts: its mean term, and the total variance of the images (the
+            # reference's is test_split's); the rest of the FD is the covariances' mismatch.
+            "pixel_mean_term": round(float(np.sum((mu - pixel[0]) ** 2)), 4),
+            "pixel_variance": round(float(np.trace(sigma)), 4)}
 
   def __call__(self, images: np.ndarray, labels: np.ndarray) -> dict:
     """Samples in native levels [N, H, W, C] drawn for `labels` [N] -> their figures."""
@@ -198,7 +209,7 @@ def sampler_settings(names: list[str], extra: dict, config) -> dict:
   return out
 
 
-FIGURES = ("class_accuracy", "pixel_fd", "pca_fd")
+FIGURES = ("class_accuracy", "pixel_fd", "pca_fd", "pixel_mean_term", "pixel_variance")
 
 
 def over_seeds(per_seed: list[dict]) -> dict:
@@ -225,22 +236,22 @@ def sample_settings(config, workdir: str, settings: dict, per_class: int, judge_
   labels = sample.grid_labels(np.arange(num_classes), per_class)
   shown = min(per_class, 10)
   grid_idx = np.concatenate([np.arange(shown) + k * per_class for k in range(num_classes)])
-  os.makedirs(os.path.join(workdir, "guidance"), exist_ok=True)
   results = {}
   for name, (s, denoise) in settings.items():
     t0 = time.perf_counter()
-    per_seed = []
+    per_seed, grid = [], None
     for seed in range(seeds):
       images = sample.generate(trainer.model, params, labels, jax.random.key(seed),
                                batch_size=config.sample.batch_size, sampler=s,
                                denoise_sigma=config.train.noise_min if denoise else 0.0,
                                progress=False)
       per_seed.append(judge_fn(images, labels))
-      if seed == 0:
-        sample.save_grid_png(os.path.join(workdir, "guidance", f"{name}.png"), images[grid_idx],
-                             config.data.num_levels, rows=num_classes)
+      if seed == 0:   # never over an earlier judge's grid: <setting>-2.png, -3, ... after it
+        grid = rundir.unique(rundir.as_path(workdir) / "guidance" / f"{name}.png")
+        sample.save_grid_png(grid, images[grid_idx], config.data.num_levels, rows=num_classes)
     results[name] = {**over_seeds(per_seed), "sampler": dataclasses.asdict(s),
-                     "denoise": denoise, "seconds": round(time.perf_counter() - t0, 1)}
+                     "denoise": denoise, "grid": os.fspath(grid),
+                     "seconds": round(time.perf_counter() - t0, 1)}
     log(name, results[name])
   return int(state.step), results
 

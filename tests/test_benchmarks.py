@@ -187,11 +187,18 @@ def test_judge_baseline_only_on_digits(tmp_path, capsys):
   assert images.shape == (70, 8, 8, 1) and images.dtype == np.uint8 and images.max() <= 16
   assert np.array_equal(labels, np.repeat(np.arange(10), 7))
   j = judge.Judge("digits", 20)
-  assert j.distances(j.test)["pixel_fd"] < 1e-6 and j.distances(j.test)["pca_fd"] < 1e-6
+  to_itself = j.distances(j.test)
+  assert to_itself["pixel_fd"] < 1e-6 and to_itself["pca_fd"] < 1e-6
+  assert to_itself["pixel_mean_term"] < 1e-6
+  assert to_itself["pixel_variance"] == pytest.approx(np.trace(np.cov(j.test, rowvar=False)),
+                                                      abs=1e-4)
+  for r in (test_ref, gmm_ref):   # the FD is its mean term plus a non-negative covariance term
+    assert 0 < r["pixel_mean_term"] <= r["pixel_fd"] and r["pixel_variance"] > 0
   noise = np.random.default_rng(0).integers(0, 17, (200, 8, 8, 1))
   noisy = j(noise, np.repeat(np.arange(10), 20))
   assert noisy["class_accuracy"] < 0.3
   assert noisy["pixel_fd"] > 10 * gmm_ref["pixel_fd"] and noisy["pca_fd"] > 10 * gmm_ref["pca_fd"]
+  assert noisy["pixel_mean_term"] > 10 * gmm_ref["pixel_mean_term"]
 
 
 def test_judge_settings_from_names_config_and_extra():
@@ -257,5 +264,12 @@ def test_judge_samples_a_trained_workdir_over_seeds(tmp_path):
     assert r["per_seed"][0] != r["per_seed"][1], name
     for f in ("class_accuracy", "pixel_fd", "pca_fd"):
       assert r[f] == pytest.approx(np.mean([s[f] for s in r["per_seed"]]), abs=1e-4), (name, f)
-    assert os.path.getsize(os.path.join(workdir, "guidance", f"{name}.png")) > 0
+    assert r["grid"] == os.path.join(workdir, "guidance", f"{name}.png"), name
+    assert os.path.getsize(r["grid"]) > 0, name
   assert result["results"]["config"]["sampler"]["guidance"] == "resample"
+  # A second judge of the same setting writes its grid beside the first one, not over it.
+  first = open(result["results"]["config"]["grid"], "rb").read()
+  again = judge.main(["--config=configs/digits.py:tiny", f"--workdir={workdir}", "--per_class=3",
+                      "--settings=config", "--gmm_components=0"])
+  assert again["results"]["config"]["grid"] == os.path.join(workdir, "guidance", "config-2.png")
+  assert open(result["results"]["config"]["grid"], "rb").read() == first
