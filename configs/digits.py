@@ -5,7 +5,7 @@ Launch (from the repository root):
     python -m farmer_jax.main --config=configs/digits.py --workdir=runs/digits
 
 Variants, chosen with `--config=configs/digits.py:VARIANT`:
-    default  the full run (6-9 minutes on 2 CPU cores, 0.57M parameters), test bpd and a sample grid;
+    default  the full run (6-13 minutes on 2 CPU cores, 0.57M parameters), test bpd and a sample grid;
     wide     for samples: width 96 (1.26M parameters) at weight decay 0.5, about 1.5x the default's
              time; its samples tie the per-class GMM baseline on class accuracy >= 0.98 and
              Frechet distance, at a test bpd of 2.133 against the default's 2.090

@@ -273,3 +273,18 @@ def test_judge_samples_a_trained_workdir_over_seeds(tmp_path):
                       "--settings=config", "--gmm_components=0"])
   assert again["results"]["config"]["grid"] == os.path.join(workdir, "guidance", "config-2.png")
   assert open(result["results"]["config"]["grid"], "rb").read() == first
+
+
+def test_machine_speed_reports_the_median_and_best_matmul_rate(tmp_path, capsys):
+  speed = load_benchmark("machine_speed")
+  out_file = tmp_path / "speed.json"
+  result = speed.main(["--size=256", "--repeats=3", f"--out={out_file}"])
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+  assert json.loads(out_file.read_text()) == result
+  assert len(result["per_call"]) == 3 and min(result["per_call"]) > 0
+  assert result["matmul_gflops"] == pytest.approx(np.median(result["per_call"]), abs=0.06)
+  assert result["matmul_gflops_best"] == max(result["per_call"]) >= result["matmul_gflops"]
+  assert result["size"] == 256 and result["cores_allowed"] >= 1
+  with pytest.raises(SystemExit) as e:
+    speed.main(["--repeats=0"])
+  assert e.value.code == 2

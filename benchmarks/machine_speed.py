@@ -1,0 +1,62 @@
+r"""The machine's float32 matmul rate: the yardstick for wall times measured on different days.
+
+    python benchmarks/machine_speed.py [--size=2048] [--repeats=5] [--out=FILE]
+
+Times `--repeats` products of two [size, size] float32 matrices with numpy (its BLAS, on every
+core it is allowed) after one warm-up product, and prints GFLOP/s (2 size^3 per product): the
+median, the best and each call's. The shared 2-core machines these pages were measured on ran
+this at 125-290 GFLOP/s on different days, and a training run's wall time moved with it
+(docs/cpu.md, "The machines' speed"): quote it beside any wall time, and compare wall times only
+after dividing by it, or measure side by side in one run.
+
+Progress goes to stderr; the last line of stdout is one JSON object.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def matmul_gflops(size: int, repeats: int) -> list[float]:
+  """GFLOP/s of `repeats` timed [size, size] @ [size, size] float32 products (one warm-up)."""
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((size, size), np.float32)
+  b = rng.standard_normal((size, size), np.float32)
+  a @ b
+  rates = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    a @ b
+    rates.append(2.0 * size ** 3 / (time.perf_counter() - t0) / 1e9)
+  return rates
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--size", type=int, default=2048)
+  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--out", default=None, help="also write the JSON here")
+  args = ap.parse_args(argv)
+  if args.size < 1 or args.repeats < 1:
+    ap.error(f"--size ({args.size}) and --repeats ({args.repeats}) must be >= 1")
+  rates = matmul_gflops(args.size, args.repeats)
+  out = {"matmul_gflops": round(float(np.median(rates)), 1),
+         "matmul_gflops_best": round(max(rates), 1),
+         "per_call": [round(r, 1) for r in rates], "size": args.size, "dtype": "float32",
+         "cpu_count": os.cpu_count(),
+         "cores_allowed": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+         else os.cpu_count()}
+  print(f"float32 matmul {args.size}^2: {out['matmul_gflops']} GFLOP/s (median of "
+        f"{args.repeats}), best {out['matmul_gflops_best']}", file=sys.stderr)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(out, f, indent=2)
+  print(json.dumps(out))
+  return out
+
+
+if __name__ == "__main__":
+  main()
