@@ -2,10 +2,10 @@ r"""The machine's float32 matmul rate: the yardstick for wall times measured on 
 
     python benchmarks/machine_speed.py [--size=2048] [--repeats=5] [--out=FILE]
 
-Times `--repeats` products of two [size, size] float32 matrices with numpy (its BLAS, on every
-core it is allowed) after one warm-up product, and prints GFLOP/s (2 size^3 per product): the
-median, the best and each call's. The shared 2-core machines these pages were measured on ran
-this at 125-290 GFLOP/s on different days, and a training run's wall time moved with it
+Times `--repeats` products of two [size, size] float32 matrices with numpy (its BLAS, on every core
+it is allowed) after one warm-up product, and prints GFLOP/s (2 size^3 per product): the median,
+the best and each call's. On the shared 2-core machines of these pages it gave 125-141 GFLOP/s on a
+day when the matmul peak had been about 290 on others, and a training run's wall time moved with it
 (docs/cpu.md, "The machines' speed"): quote it beside any wall time, and compare wall times only
 after dividing by it, or measure side by side in one run.
 
