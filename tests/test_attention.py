@@ -38,7 +38,9 @@ def test_layer_forward_and_gradients_equal_einsum(impl, causal):
   (got, out_got), grads_got = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
       params, x, impl)
   np.testing.assert_allclose(out_got, out_ref, atol=1e-5)
-  np.testing.assert_allclose(got, ref, rtol=1e-5)
+  # The loss sums 1920 terms that agree to 1e-5 each; the float32 sum of -0.37 moves by 1.2e-5
+  # between machines (their kernels sum in different orders), so it is compared in absolute terms.
+  np.testing.assert_allclose(got, ref, atol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), grads_got, grads_ref)
   if causal:   # token 0 sees only itself: a change of the last token leaves it as it was
     moved = x.at[:, -1].add(1.0)
