@@ -327,11 +327,8 @@ def main(argv=None) -> dict:
          "pca": {"components": args.pca_components,
                  "explained_variance": round(float(j.pca.explained_variance_ratio_.sum()), 4)},
          "references": references, "results": results}
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(out, f, indent=2)
-  print(json.dumps(out))
+  from farmer_jax import metrics  # noqa: PLC0415 (JAX, only to print)
+  metrics.print_json_line(out, args.out)
   return out
 
 

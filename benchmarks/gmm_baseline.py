@@ -26,7 +26,6 @@ minutes (5.5 CPU-minutes) on 2 cores shared with other jobs, digits' 2.5. Prints
 model, then as the last line one JSON object with every figure and the best.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,7 +35,7 @@ import numpy as np
 from sklearn.mixture import GaussianMixture
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from farmer_jax import datasets  # noqa: E402
+from farmer_jax import datasets, metrics  # noqa: E402
 
 # Per data set: full-covariance components, PCA dims k, PCA mixture components, reg_covar values.
 DEFAULTS = {
@@ -168,11 +167,7 @@ def main(argv=None) -> dict:
             "full": full, "pca": pca_rows, "best_full": best_full, "best_pca": best_pca,
             "best": None if best is None else {"family": "full" if best is best_full else "pca",
                                                **best}}
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
-  print(json.dumps(result))
+  metrics.print_json_line(result, args.out)
   return result
 
 

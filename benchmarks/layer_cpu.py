@@ -17,7 +17,6 @@ from that checkout) and the calls interleave A/B/B/A; the JSON gives both median
 """
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
@@ -153,11 +152,8 @@ def main():
     this, other = result["median_s"]["this"], result["median_s"]["other"]
     result["ratio_this_over_other"] = {c: {p: this[c][p] / other[c][p] for p in PIECES}
                                        for c in CONFIGS}
-  text = json.dumps(result, indent=1)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  from farmer_jax import metrics  # noqa: PLC0415 (JAX, only to print)
+  metrics.print_json_line(result, args.out)
 
 
 if __name__ == "__main__":

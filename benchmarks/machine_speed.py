@@ -12,7 +12,6 @@ after dividing by it, or measure side by side in one run.
 Progress goes to stderr; the last line of stdout is one JSON object.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -51,10 +50,8 @@ def main(argv=None) -> dict:
          else os.cpu_count()}
   print(f"float32 matmul {args.size}^2: {out['matmul_gflops']} GFLOP/s (median of "
         f"{args.repeats}), best {out['matmul_gflops_best']}", file=sys.stderr)
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(out, f, indent=2)
-  print(json.dumps(out))
+  from farmer_jax import metrics  # noqa: PLC0415 (JAX, only to print)
+  metrics.print_json_line(out, args.out)
   return out
 
 

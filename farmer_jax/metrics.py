@@ -89,8 +89,8 @@ def format_scalars(step: int, total: int, scalars: dict) -> str:
 
 
 def print_json_line(payload: dict, path=None) -> None:
-  """A script's result: one JSON line on stdout (its last line), also written to `path` if given."""
-  line = rundir.dumps(payload)
+  """A script's result: one JSON line on stdout (its last line), and, if `path` is given, the same
+  JSON indented (for reading and diffing) written atomically to `path` (local or gs://)."""
   if path:
-    rundir.write_bytes(path, (line + "\n").encode())
-  print(line, flush=True)
+    rundir.write_bytes(path, (rundir.dumps(payload, indent=1) + "\n").encode())
+  print(rundir.dumps(payload), flush=True)
