@@ -180,7 +180,9 @@ def _decode_fn(data, *, with_label: bool, flip_seed: int | None, process: tuple[
     label = tf.cast(ex["label"], tf.int32) if with_label else tf.constant(0, tf.int32)
     return {"image": img, "label": label}
 
-  return fn
+  # Traced once and reused: the training stream builds a map per epoch, and retracing this
+  # function there cost more CPU than decoding a small data set's epoch (docs/cpu.md).
+  return tf.function(fn, autograph=False)
 
 
 def _epoch_seed(seed: int, epoch: int, salt: int) -> int:
@@ -311,10 +313,15 @@ def eval_iterator(data, *, global_batch_size: int, process_index: int | None = N
   return _tfds_eval(data, global_batch_size, p, n_proc)
 
 
-def num_eval_examples(data) -> int:
-  """Number of examples in data.eval_split (all processes together)."""
+def num_examples(data, split: str) -> int:
+  """Number of examples in `split` of the data set (all processes together)."""
   _check_name(data)
   builder = _builder(data)
-  # The dataset's own cardinality (no reading) is what eval_iterator yields; under mock_data it
+  # The dataset's own cardinality (no reading) is what the iterators read; under mock_data it
   # differs from builder.info, which then knows no splits at all.
-  return int(_as_dataset(data, builder, data.eval_split, shuffle_seed=None).cardinality())
+  return int(_as_dataset(data, builder, split, shuffle_seed=None).cardinality())
+
+
+def num_eval_examples(data) -> int:
+  """Number of examples in data.eval_split (all processes together)."""
+  return num_examples(data, data.eval_split)

@@ -3,7 +3,7 @@ it promises, and imports neither TensorFlow, tensorflow-datasets nor clu (the GP
 meant for have none of them). peer_tarflow.py: farmer_jax's side alone always; side by side with
 PyTorch TARFlow where FARMER_TORCH_PYTHON (a Python with torch) and FARMER_TARFLOW (ml-tarflow's
 transformer_flow.py) are set. gmm_baseline.py and the sample judge (digits_guidance.py, without a
-model) on digits."""
+model) on digits. machine_speed.py and input_pipeline.py (digits' training stream)."""
 import importlib.util
 import json
 import math
@@ -287,4 +287,21 @@ def test_machine_speed_reports_the_median_and_best_matmul_rate(tmp_path, capsys)
   assert result["size"] == 256 and result["cores_allowed"] >= 1
   with pytest.raises(SystemExit) as e:
     speed.main(["--repeats=0"])
+  assert e.value.code == 2
+
+
+def test_input_pipeline_benchmark_times_batches_across_epochs(tmp_path, capsys):
+  bench = load_benchmark("input_pipeline")
+  out_file = tmp_path / "pipeline.json"
+  # digits:tiny reads batches of 16 of 1437 training images: 100 batches cross an epoch boundary.
+  result = bench.main(["--config=configs/digits.py:tiny", "--batches=100", f"--out={out_file}"])
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+  assert json.loads(out_file.read_text()) == result
+  assert result["dataset"] == "digits" and result["batch_shape"] == [16, 8, 8, 1]
+  assert result["train_examples"] == 1437
+  assert result["epochs_timed"] == pytest.approx(100 * 16 / 1437, abs=0.01)
+  assert result["cpu_ms_per_batch"] > 0 and result["wall_ms_per_batch"] > 0
+  assert result["batches_per_s"] == pytest.approx(1e3 / result["wall_ms_per_batch"], rel=0.05)
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--config=configs/digits.py:tiny", "--batches=0"])
   assert e.value.code == 2
