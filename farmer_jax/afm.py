@@ -331,21 +331,15 @@ class AFMTrainer:
     requested = tag is not None
     if tag is None:
       tag = "student" if self.target.use_student else ""
-    npz = run.samples(step, tag)
     info = {"step": step, "target": self.config.afm.target, "seed": s.seed,
             "sample": s.to_dict(),
             "decoder": self.decoder if self.config.afm.target == "farmer_latent" else None}
-    if rundir.keep_existing_samples(npz, info, requested=requested):
-      return str(npz)
-    classes = sample.parse_classes(s.classes, self.net.num_classes)
-    labels = sample.grid_labels(classes, s.per_class)
-    images = sample.quantize(self.generate(state.g.ema_params, labels, jax.random.key(s.seed)),
-                             num_levels)
-    grid = sample.write_samples(run, step, images, labels, num_levels, rows=len(classes),
-                                tag=tag, info=info)
-    if writer is not None:
-      writer.write_images(step, {"samples": grid[None]})
-    return str(npz)
+    return sample.sample_grid(
+        run, step,
+        lambda labels: sample.quantize(
+            self.generate(state.g.ema_params, labels, jax.random.key(s.seed)), num_levels),
+        classes=sample.parse_classes(s.classes, self.net.num_classes), per_class=s.per_class,
+        num_levels=num_levels, tag=tag, info=info, requested=requested, writer=writer)
 
 
 # ---------------------------------------------------------------------------------------------

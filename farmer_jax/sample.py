@@ -289,6 +289,24 @@ def npz_arrays(images: np.ndarray, labels: np.ndarray, num_levels: int,
   return out
 
 
+def sample_grid(run: rundir.RunDir, step: int, draw, *, classes: np.ndarray, per_class: int,
+                num_levels: int, tag: str, info: dict, requested: bool, writer=None) -> str:
+  """The end-of-run / --mode=sample grid of every phase: `per_class` images of each of `classes`
+  from `draw(labels [N]) -> uint8 [N, H, W, C]`, one grid row per class, written as
+  samples/samples_<step>[_<tag>].png and .npz (with `info`, and to TensorBoard through `writer`).
+  An existing npz of that name is kept (rundir.keep_existing_samples; `requested`: the name was
+  asked for, so other settings there are an error). Returns the npz path."""
+  npz = run.samples(step, tag)
+  if rundir.keep_existing_samples(npz, info, requested=requested):
+    return str(npz)
+  labels = grid_labels(classes, per_class)
+  grid = write_samples(run, step, draw(labels), labels, num_levels, rows=len(classes), tag=tag,
+                       info=info)
+  if writer is not None:
+    writer.write_images(step, {"samples": grid[None]})
+  return str(npz)
+
+
 def write_samples(run: rundir.RunDir, step: int, images: np.ndarray, labels: np.ndarray,
                   num_levels: int, rows: int, tag: str = "", info: dict | None = None
                   ) -> np.ndarray:

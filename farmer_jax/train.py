@@ -278,21 +278,14 @@ class Trainer:
     distilled student that decodes instead of the exact inverse; `parallel` (flow.ParallelInverse):
     the exact inverse by (Gauss-Seidel-)Jacobi, started from `student` where given. `run`: a
     RunDir or a path."""
-    s, c, run = self.config.sample, self.model_config, rundir.RunDir(run)
-    classes = sample.parse_classes(s.classes, c.num_classes)
-    labels = sample.grid_labels(classes, s.per_class)
-    step = int(state.step)
-    npz = run.samples(step, tag)
+    s, c, step = self.config.sample, self.model_config, int(state.step)
     info = {"step": step, "decoder": sample.decoder_name(student is not None, parallel),
             "seed": s.seed, "sample": s.to_dict()}
-    if rundir.keep_existing_samples(npz, info, requested=bool(tag)):
-      return str(npz)
-    images = self.generate(state, labels, student=student, parallel=parallel)
-    grid = sample.write_samples(run, step, images, labels, c.num_levels, rows=len(classes),
-                                tag=tag, info=info)
-    if writer is not None:
-      writer.write_images(step, {"samples": grid[None]})
-    return str(npz)
+    return sample.sample_grid(
+        rundir.RunDir(run), step,
+        lambda labels: self.generate(state, labels, student=student, parallel=parallel),
+        classes=sample.parse_classes(s.classes, c.num_classes), per_class=s.per_class,
+        num_levels=c.num_levels, tag=tag, info=info, requested=bool(tag), writer=writer)
 
   def generate(self, state: TrainState, labels: np.ndarray, student=None, parallel=None,
                passes: list | None = None) -> np.ndarray:
