@@ -87,22 +87,29 @@ def _png(image: np.ndarray) -> summary_pb2.Summary.Image:
                                    encoded_image_string=buf.getvalue())
 
 
+_monotonic = time.monotonic   # the writer's clock (tests replace it)
+
+
 class SummaryWriter:
   """Scalars and images for TensorBoard in `directory` (a local path, gs://, ... via epath).
 
   `enabled=False` (processes other than 0) makes every method a no-op. Events reach the disk on
-  `flush()`, `close()`, and at a write call `flush_secs` after the last file; nothing is created
-  (not even `directory`) until there is an event to write. I/O errors propagate, and the events
-  of a failed flush stay buffered for the next one.
+  `flush()`, `close()`, and at a write call once the interval has passed since the last file:
+  `flush_secs`, or a twentieth of the writer's age once that is longer, up to `max_flush_secs`.
+  Every file stays a complete file, so the interval bounds their number: a week-long run leaves
+  about a thousand event files (not ten thousand at 60 s), and TensorBoard trails a long run by
+  at most `max_flush_secs`. Nothing is created (not even `directory`) until there is an event
+  to write. I/O errors propagate, and the events of a failed flush stay buffered for the next one.
   """
 
   def __init__(self, directory: epath.PathLike, *, enabled: bool = True,
-               start_step: int | None = None, flush_secs: float = 60.0):
+               start_step: int | None = None, flush_secs: float = 60.0,
+               max_flush_secs: float = 600.0):
     self._directory = epath.Path(directory)
     self._enabled = enabled
-    self._flush_secs = flush_secs
+    self._flush_secs, self._max_flush_secs = flush_secs, max(flush_secs, max_flush_secs)
     self._events: list[event_pb2.Event] = []
-    self._last_flush = time.monotonic()
+    self._born = self._last_flush = _monotonic()
     # The START event goes into the first file only: the step from which this run's events
     # replace those a resumed-from run logged after its checkpoint.
     self._start_step = start_step + 1 if start_step and start_step > 0 else None
@@ -121,8 +128,14 @@ class SummaryWriter:
       return
     self._events.append(event_pb2.Event(wall_time=time.time(), step=int(step),
                                         summary=summary_pb2.Summary(value=values)))
-    if time.monotonic() - self._last_flush >= self._flush_secs:
+    now = _monotonic()
+    if now - self._last_flush >= self.flush_interval(now):
       self.flush()
+
+  def flush_interval(self, now: float | None = None) -> float:
+    """Seconds between automatic flushes at time `now` (the writer's clock; default: now)."""
+    age = (_monotonic() if now is None else now) - self._born
+    return min(max(self._flush_secs, age / 20.0), self._max_flush_secs)
 
   def flush(self) -> None:
     """Writes the buffered events as one new event file; nothing when there are none."""
@@ -142,7 +155,7 @@ class SummaryWriter:
     rundir.write_bytes(self._directory / name, data, tmp_name="." + name.replace("tfevents", "tmp"))
     self._events = []
     self._start_step = None
-    self._last_flush = time.monotonic()
+    self._last_flush = _monotonic()
 
   def close(self) -> None:
     """Flushes; the writer holds no open file, so there is nothing else to release."""

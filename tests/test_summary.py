@@ -103,12 +103,41 @@ def test_disabled_or_empty_writer_creates_nothing(tmp_path):
 
 
 def test_automatic_flush_after_flush_secs(tmp_path):
-  writer = summary.SummaryWriter(tmp_path, flush_secs=0.0)
+  writer = summary.SummaryWriter(tmp_path, flush_secs=0.0, max_flush_secs=0.0)
   writer.write_scalars(1, {"a": 1.0})
   writer.write_scalars(2, {"a": 2.0})
   assert len(_event_files(tmp_path)) == 2
   writer.close()  # nothing left
   assert len(_event_files(tmp_path)) == 2
+
+
+def test_flush_interval_grows_with_the_writers_age(tmp_path, monkeypatch):
+  clock = [1000.0]
+  monkeypatch.setattr(summary, "_monotonic", lambda: clock[0])
+  writer = summary.SummaryWriter(tmp_path)   # 60 s, then age / 20, at most 600 s
+
+  def write_at(t: float, step: int) -> int:
+    clock[0] = 1000.0 + t
+    writer.write_scalars(step, {"a": float(step)})
+    return len(_event_files(tmp_path))
+
+  assert writer.flush_interval(1000.0 + 600) == 60.0
+  assert write_at(59, 1) == 0 and write_at(60, 2) == 1          # young: every 60 s
+  assert writer.flush_interval(1000.0 + 7200) == 360.0           # 2 hours old
+  assert write_at(7200, 3) == 2                                  # 7140 s since the last file
+  assert write_at(7200 + 370, 4) == 2 and write_at(7200 + 380, 5) == 3   # age / 20 is 378.5 s
+  assert writer.flush_interval(1000.0 + 7 * 86400) == 600.0      # a week: capped
+  assert write_at(7 * 86400, 6) == 4 and write_at(7 * 86400 + 599, 7) == 4
+  assert write_at(7 * 86400 + 600, 8) == 5
+  writer.close()
+  assert _scalars(_accumulator(tmp_path), "a") == {s: float(s) for s in range(1, 9)}
+  # Over a week of writes every 10 s: about a thousand files, not the 10,080 of a fixed 60 s.
+  flushes, last, t = 0, 0.0, 0.0
+  while t < 7 * 86400:
+    t += 10.0
+    if t - last >= writer.flush_interval(1000.0 + t):
+      flushes, last = flushes + 1, t
+  assert 900 < flushes < 1200, flushes
 
 
 def test_resumed_run_purges_the_earlier_sessions_later_steps(tmp_path):
