@@ -1,13 +1,15 @@
 r"""The machine's float32 matmul rate: the yardstick for wall times measured on different days.
 
-    python benchmarks/machine_speed.py [--size=2048] [--repeats=5] [--out=FILE]
+    python benchmarks/machine_speed.py [--size=2048] [--repeats=5] [--jax] [--out=FILE]
 
 Times `--repeats` products of two [size, size] float32 matrices with numpy (its BLAS, on every core
 it is allowed) after one warm-up product, and prints GFLOP/s (2 size^3 per product): the median,
 the best and each call's. On the shared 2-core machines of these pages it gave 125-141 GFLOP/s on a
 day when the matmul peak had been about 290 on others, and a training run's wall time moved with it
 (docs/cpu.md, "The machines' speed"): quote it beside any wall time, and compare wall times only
-after dividing by it, or measure side by side in one run.
+after dividing by it, or measure side by side in one run. `--jax` also times XLA's jitted
+products of the same size: float32, bfloat16 operands with a float32 result, and bfloat16 with a
+bfloat16 result (`jax_matmul_gflops`).
 
 Progress goes to stderr; the last line of stdout is one JSON object.
 """
@@ -33,10 +35,38 @@ def matmul_gflops(size: int, repeats: int) -> list[float]:
   return rates
 
 
+# Operand dtype, result dtype of the JAX products `--jax` times.
+JAX_PRODUCTS = {"float32": ("float32", "float32"),
+                "bfloat16_to_float32": ("bfloat16", "float32"),
+                "bfloat16": ("bfloat16", "bfloat16")}
+
+
+def jax_matmul_gflops(size: int, repeats: int) -> dict[str, float]:
+  """Median GFLOP/s of jitted [size, size] products under XLA for each of JAX_PRODUCTS. XLA's
+  CPU backend runs bfloat16 operands on AMX / AVX512-BF16 where the CPU has them only when the
+  result is float32, which is why the models' products accumulate in float32 (docs/cpu.md)."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  rates = {}
+  for name, (operand, result) in JAX_PRODUCTS.items():
+    a, b = (jax.random.normal(jax.random.key(i), (size, size)).astype(operand) for i in (0, 1))
+    product = jax.jit(lambda a, b, result=result: jnp.dot(a, b, preferred_element_type=result))
+    product(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      product(a, b).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    rates[name] = round(2.0 * size ** 3 / float(np.median(times)) / 1e9, 1)
+  return rates
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--size", type=int, default=2048)
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--jax", action="store_true",
+                  help="also time XLA's products: float32, bfloat16 to float32, bfloat16")
   ap.add_argument("--out", default=None, help="also write the JSON here")
   args = ap.parse_args(argv)
   if args.size < 1 or args.repeats < 1:
@@ -50,6 +80,9 @@ def main(argv=None) -> dict:
          else os.cpu_count()}
   print(f"float32 matmul {args.size}^2: {out['matmul_gflops']} GFLOP/s (median of "
         f"{args.repeats}), best {out['matmul_gflops_best']}", file=sys.stderr)
+  if args.jax:
+    out["jax_matmul_gflops"] = jax_matmul_gflops(args.size, args.repeats)
+    print(f"XLA {args.size}^2 products, GFLOP/s: {out['jax_matmul_gflops']}", file=sys.stderr)
   from farmer_jax import metrics  # noqa: PLC0415 (JAX, only to print)
   metrics.print_json_line(out, args.out)
   return out

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import jaxprs
 from configs import digits
 from farmer_jax import config_base, config_check, rundir, sample, sharding
 from farmer_jax.models import farmer, layers
@@ -228,3 +229,61 @@ def test_the_model_loss_through_the_splash_kernel():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3), g_got, g_ref)
   jaxpr = str(jax.make_jaxpr(lambda p: nll(p, model))(params))
   assert "pallas_call" in jaxpr
+
+
+@pytest.mark.parametrize("spec, a_shape, b_shape", [
+    ("...k,kn->...n", (3, 5, 32), (32, 24)),          # Dense
+    ("btw,chkw->cbhtk", (2, 6, 32), (3, 2, 16, 32)),   # the fused Q, K, V projection
+    ("bhtk,hkw->btw", (2, 2, 6, 16), (2, 16, 32)),     # the output projection
+    ("bhqk,bhsk->bhqs", (2, 2, 6, 16), (2, 2, 7, 16)),  # logits
+    ("bhqs,bhsk->bhqk", (2, 2, 6, 7), (2, 2, 7, 16)),   # probabilities times values
+])
+def test_low_precision_products_accumulate_in_float32_forward_and_backward(spec, a_shape, b_shape):
+  """einsum_f32 on bfloat16 operands: the product of the bfloat16 values accumulated in float32
+  (as the float32 einsum of the same values), and gradients whose products take bfloat16
+  operands too (what runs them on AMX on CPU) while matching the float32 gradients to bfloat16
+  precision. Float32 operands are jnp.einsum exactly."""
+  a = jax.random.normal(jax.random.key(0), a_shape)
+  b = jax.random.normal(jax.random.key(1), b_shape)
+  np.testing.assert_array_equal(layers.einsum_f32(spec, a, b), jnp.einsum(spec, a, b))
+  a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  exact = jnp.einsum(spec, a16.astype(jnp.float32), b16.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+  got = layers.einsum_f32(spec, a16, b16, jnp.float32)
+  assert got.dtype == jnp.float32 and layers.einsum_f32(spec, a16, b16).dtype == jnp.bfloat16
+  np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-5)
+  ct = jax.random.normal(jax.random.key(2), exact.shape)
+  loss = lambda a, b, f: jnp.vdot(f(a, b), ct)
+  grads = jax.grad(loss, argnums=(0, 1))(
+      a16, b16, lambda a, b: layers.einsum_f32(spec, a, b, jnp.float32))
+  want = jax.grad(loss, argnums=(0, 1))(
+      a16.astype(jnp.float32), b16.astype(jnp.float32), lambda a, b: jnp.einsum(spec, a, b))
+  for g, w, x in zip(grads, want, (a16, b16)):
+    assert g.dtype == jnp.bfloat16 and g.shape == x.shape
+    np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=2e-2, atol=2e-2 * float(
+        jnp.abs(w).max()))
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(
+      a16, b16, lambda a, b: layers.einsum_f32(spec, a, b, jnp.float32))
+  dots = [e for e in jaxprs.equations(jaxpr.jaxpr) if e.primitive.name == "dot_general"
+          and any(v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+  assert len(dots) == 3   # the forward product and one per operand's gradient (the rest: vdot)
+  assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+  assert all(e.params["preferred_element_type"] == jnp.float32 for e in dots)
+
+
+def test_dense_is_nn_dense_in_float32_and_adds_its_bias_in_float32():
+  x = jax.random.normal(jax.random.key(0), (4, 5, 32))
+  ours = layers.dense(24, (None, layers.EMBED), jnp.float32, "d",
+                      bias_init=nn.initializers.normal(1.0))
+  params = ours.init(jax.random.key(1), x)
+  flax_dense = nn.Dense(24)
+  assert jax.tree.map(jnp.shape, nn.unbox(params)) == jax.tree.map(
+      jnp.shape, flax_dense.init(jax.random.key(1), x))
+  np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(nn.unbox(params), x),
+                             rtol=1e-6, atol=1e-6)
+  b16 = layers.dense(24, (None, layers.EMBED), jnp.bfloat16, "d",
+                     bias_init=nn.initializers.normal(1.0))
+  out = b16.apply(params, x)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), ours.apply(params, x), rtol=2e-2,
+                             atol=5e-2)

@@ -288,6 +288,9 @@ def test_machine_speed_reports_the_median_and_best_matmul_rate(tmp_path, capsys)
   with pytest.raises(SystemExit) as e:
     speed.main(["--repeats=0"])
   assert e.value.code == 2
+  with_jax = speed.main(["--size=128", "--repeats=2", "--jax"])
+  assert set(with_jax["jax_matmul_gflops"]) == set(speed.JAX_PRODUCTS)
+  assert min(with_jax["jax_matmul_gflops"].values()) > 0
 
 
 def test_input_pipeline_benchmark_times_batches_across_epochs(tmp_path, capsys):

@@ -9,6 +9,7 @@ import pytest
 from scipy import special, stats
 
 from farmer_jax.models import farmer, flow, gmm
+import jaxprs
 
 
 def tiny_config(**overrides) -> farmer.ModelConfig:
@@ -300,17 +301,6 @@ def test_sample_shapes_range_and_decode_inverts():
                              atol=1e-4)
 
 
-def equations(jaxpr):
-  """Every equation of a jaxpr and of the jaxprs nested in its equations (scan, pjit, remat)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else (value,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          yield from equations(inner)
-
-
 def test_bfloat16_networks_keep_the_flow_math_and_the_loss_in_float32():
   """model.dtype = bfloat16: in the model's forward pass the Transformers' matmuls take bfloat16
   inputs from float32 parameters, while the affine steps and logdet (z, logdet), the GMM
@@ -330,9 +320,19 @@ def test_bfloat16_networks_keep_the_flow_math_and_the_loss_in_float32():
     out = apply(state.params)
     for name in ("nll", "bpd", "nll_informative", "nll_redundant", "logdet", "z"):
       assert out[name].dtype == jnp.float32, name
-    in_dtypes = [v.aval.dtype for e in equations(jax.make_jaxpr(apply)(state.params).jaxpr)
+    in_dtypes = [v.aval.dtype for e in jaxprs.equations(jax.make_jaxpr(apply)(state.params).jaxpr)
                  if e.primitive.name == "dot_general" for v in e.invars]
     assert in_dtypes.count(jnp.bfloat16) > len(in_dtypes) // 2, in_dtypes
+    # The gradient's products take bfloat16 operands as well (accumulating in float32), never a
+    # float32 cotangent against a bfloat16 operand.
+    grad_jaxpr = jax.make_jaxpr(jax.grad(lambda p: apply(p)["nll"].mean()))(state.params).jaxpr
+    dots = [e for e in jaxprs.equations(grad_jaxpr) if e.primitive.name == "dot_general"]
+    mixed = [e for e in dots if len({v.aval.dtype for v in e.invars}) > 1]
+    low = [e for e in dots if e.invars[0].aval.dtype == jnp.bfloat16]
+    forward_low = in_dtypes.count(jnp.bfloat16) // 2
+    # The forward products again, and at least one gradient product for each.
+    assert not mixed and len(low) >= 2 * forward_low, (len(mixed), len(low), forward_low)
+    assert all(e.params["preferred_element_type"] == jnp.float32 for e in low)
     new, scalars = trainer.train_step(state, trainer.batch_to_global(batch), jax.random.key(1))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
   assert scalars["loss"].dtype == jnp.float32 and np.isfinite(float(scalars["loss"]))

@@ -9,6 +9,7 @@ Sharding: every parameter and the main activations carry logical axis names (bel
 mesh axis. Outside a mesh, or without rules in context, the annotations do nothing.
 """
 import contextlib
+import functools
 import math
 from typing import Any, Callable
 
@@ -107,14 +108,57 @@ def _log_fallback(message: str) -> None:
     logging.warning(message)
 
 
+def _low_precision(*arrays) -> bool:
+  return any(jnp.result_type(a) in (jnp.bfloat16, jnp.float16) for a in arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_lp(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """Low-precision operands, float32 result."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_lp_fwd(spec, a, b):
+  return _einsum_lp(spec, a, b), (a, b)
+
+
+def _einsum_lp_bwd(spec, residuals, ct):
+  # Every index of a two-operand einsum sits in two or three of (a, b, out), so each operand's
+  # gradient is the einsum of the other two; those run in the same low precision with float32
+  # accumulation as the forward (autodiff's transposes would take a float32 cotangent).
+  a, b = residuals
+  (sa, sb), so = spec.split("->")[0].split(","), spec.split("->")[1]
+  ct = ct.astype(jnp.result_type(a, b))
+  return (_einsum_lp(f"{so},{sb}->{sa}", ct, b).astype(a.dtype),
+          _einsum_lp(f"{sa},{so}->{sb}", a, ct).astype(b.dtype))
+
+
+_einsum_lp.defvjp(_einsum_lp_fwd, _einsum_lp_bwd)
+
+
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array, dtype=None) -> jax.Array:
+  """jnp.einsum of two operands accumulating in float32, returned in `dtype` (default: the
+  operands'). Every product of the models goes through it. With bfloat16 operands the products
+  of the backward pass take bfloat16 operands too: XLA's CPU backend runs a bfloat16 product
+  with a float32 result on AMX / AVX512-BF16, about 5x its float32 rate and 6x that of a
+  bfloat16 result (docs/cpu.md); TPUs and GPUs accumulate in float32 anyway. Float32 operands
+  take plain jnp.einsum. `spec` has no index that only one operand carries and the output drops
+  (each index of a product here is in two or three of the operands and the output)."""
+  if not _low_precision(a, b):
+    out = jnp.einsum(spec, a, b)
+  else:
+    out = _einsum_lp(spec, a, b)
+  return out.astype(dtype or jnp.result_type(a, b))
+
+
 def _dense_core(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos_T, masked: bool, dtype) -> jax.Array:
   """Every query against every key, positions above each query's masked -> [B, H, T, K]."""
-  logits_BxHxTxS = jnp.einsum("bhqk,bhsk->bhqs", q_BxHxTxK, k_BxHxSxK).astype(jnp.float32)
+  logits_BxHxTxS = einsum_f32("bhqk,bhsk->bhqs", q_BxHxTxK, k_BxHxSxK, jnp.float32)
   if masked:
     mask_TxS = jnp.arange(k_BxHxSxK.shape[2])[None, :] <= q_pos_T[:, None]
     logits_BxHxTxS = jnp.where(mask_TxS, logits_BxHxTxS, jnp.finfo(jnp.float32).min)
   probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(dtype)
-  return jnp.einsum("bhqs,bhsk->bhqk", probs_BxHxTxS, v_BxHxSxK.astype(dtype))
+  return einsum_f32("bhqs,bhsk->bhqk", probs_BxHxTxS, v_BxHxSxK.astype(dtype))
 
 
 def _einsum(q_BxHxTxK, k_BxHxSxK, v_BxHxSxK, q_pos_T, masked: bool, dtype) -> jax.Array:
@@ -234,12 +278,29 @@ def param_init(init: Callable, *names) -> Callable:
   return nn.with_logical_partitioning(init, names)
 
 
+class Dense(nn.Module):
+  """x [..., K] -> x W + b [..., N] in `dtype`, the product by `einsum_f32` and the bias added in
+  float32. Parameters `kernel` [K, N] and `bias` [N] (float32), those of nn.Dense."""
+  features: int
+  names: tuple[str, str]
+  dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", param_init(self.kernel_init, *self.names),
+                        (x.shape[-1], self.features))
+    bias = self.param("bias", param_init(self.bias_init, self.names[1]), (self.features,))
+    y = einsum_f32("...k,kn->...n", x.astype(self.dtype), kernel.astype(self.dtype), jnp.float32)
+    return (y + bias).astype(self.dtype)
+
+
 def dense(features: int, names: tuple[str, str], dtype: Dtype, name: str,
           kernel_init: Callable = nn.initializers.lecun_normal(),
-          bias_init: Callable = nn.initializers.zeros) -> nn.Dense:
-  """nn.Dense whose kernel [in, out] and bias [out] carry logical axis names."""
-  return nn.Dense(features, dtype=dtype, name=name, kernel_init=param_init(kernel_init, *names),
-                  bias_init=param_init(bias_init, names[1]))
+          bias_init: Callable = nn.initializers.zeros) -> Dense:
+  """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names."""
+  return Dense(features, names, dtype, kernel_init, bias_init, name=name)
 
 
 def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -277,9 +338,9 @@ class Attention(nn.Module):
                         (3, heads, self.head_dim, self.width))
     bias = self.param("qkv_bias", param_init(nn.initializers.zeros, None, HEADS, HEAD_DIM),
                       (3, heads, self.head_dim))
-    qkv_3xBxHxTxK = jnp.einsum("btw,chkw->cbhtk", x_BxTxW.astype(self.dtype),
-                               kernel.astype(self.dtype))
-    qkv_3xBxHxTxK = qkv_3xBxHxTxK + bias.astype(self.dtype)[:, None, :, None, :]
+    qkv_3xBxHxTxK = einsum_f32("btw,chkw->cbhtk", x_BxTxW.astype(self.dtype),
+                               kernel.astype(self.dtype), jnp.float32)
+    qkv_3xBxHxTxK = (qkv_3xBxHxTxK + bias[:, None, :, None, :]).astype(self.dtype)
     qkv_3xBxHxTxK = constrain(qkv_3xBxHxTxK, None, ACT_BATCH, ACT_HEADS, ACT_SEQ, None)
     q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = qkv_3xBxHxTxK[0], qkv_3xBxHxTxK[1], qkv_3xBxHxTxK[2]
     t = x_BxTxW.shape[1]
@@ -302,8 +363,9 @@ class Attention(nn.Module):
     kernel = self.param("out", param_init(w_out, HEADS, HEAD_DIM, EMBED),
                         (heads, self.head_dim, self.width))
     bias = self.param("out_bias", param_init(nn.initializers.zeros, EMBED), (self.width,))
-    out = jnp.einsum("bhtk,hkw->btw", out_BxHxTxK.astype(self.dtype), kernel.astype(self.dtype))
-    return out + bias.astype(self.dtype), cache
+    out = einsum_f32("bhtk,hkw->btw", out_BxHxTxK.astype(self.dtype), kernel.astype(self.dtype),
+                     jnp.float32)
+    return (out + bias).astype(self.dtype), cache
 
 
 class MLP(nn.Module):
