@@ -140,7 +140,7 @@ def einsum_f32(spec: str, a: jax.Array, b: jax.Array, dtype=None) -> jax.Array:
   """jnp.einsum of two operands accumulating in float32, returned in `dtype` (default: the
   operands'). Every product of the models goes through it. With bfloat16 operands the products
   of the backward pass take bfloat16 operands too: XLA's CPU backend runs a bfloat16 product
-  with a float32 result on AMX / AVX512-BF16, about 5x its float32 rate and 6x that of a
+  with a float32 result on AMX / AVX512-BF16, about 4x its float32 rate and 5x that of a
   bfloat16 result (docs/cpu.md); TPUs and GPUs accumulate in float32 anyway. Float32 operands
   take plain jnp.einsum. `spec` has no index that only one operand carries and the output drops
   (each index of a product here is in two or three of the operands and the output)."""
