@@ -21,7 +21,6 @@ uniform uint8 and weights random: these are timings only, and the output says so
 Imports neither TensorFlow, tensorflow-datasets nor clu. The last line of stdout is one JSON object.
 """
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from farmer_jax import metrics, sample, sharding, train  # noqa: E402
+from farmer_jax import cli, metrics, sample, sharding, train  # noqa: E402
 from farmer_jax.evaluation import fid_mode, weights  # noqa: E402
 from farmer_jax.models import farmer, layers  # noqa: E402
 
@@ -39,13 +38,6 @@ GIB = 1024 ** 3
 
 def log(*args):
   print(*args, file=sys.stderr, flush=True)
-
-
-def load_config(path: str, arg: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def configure(base, *, attention: str, batch: int, depth: int, dtype: str, scan: bool = True):
@@ -206,7 +198,7 @@ def main(argv=None) -> dict:
             "sampling": {}}
   path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", args.config)
   for patch in args.patches.split(","):
-    base = load_config(path, patch)
+    base = cli.load_config(f"{path}:{patch}")
     for attention in args.attention.split(","):
       log(f"train step: {args.config}:{patch}, attention {attention}, {args.dtype}")
       result["train"][f"{patch}/{attention}"] = largest_batch_that_runs(

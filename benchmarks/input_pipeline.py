@@ -13,31 +13,23 @@ compare it with the train step's (benchmarks/train_throughput.py).
 Progress goes to stderr; the last line of stdout is one JSON object.
 """
 import argparse
-import importlib.util
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from farmer_jax import input_pipeline, metrics  # noqa: E402
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_spec = importlib.util.spec_from_file_location("train_throughput",
-                                               os.path.join(_HERE, "train_throughput.py"))
-train_throughput = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_throughput)
+from farmer_jax import cli, input_pipeline, metrics  # noqa: E402
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", required=True, help="FILE[:ARG]")
-  parser.add_argument("--set", action="append", default=[], help="section.field=value")
+  cli.add_config_arguments(parser)
   parser.add_argument("--batches", type=int, default=440)
   parser.add_argument("--out")
   args = parser.parse_args(argv)
   if args.batches < 1:
     parser.error(f"--batches ({args.batches}) must be >= 1")
-  config = train_throughput.load_config(args.config, args.set)
+  config = cli.load_config(args.config, args.set)
   t0 = time.perf_counter()
   data = input_pipeline.train_iterator(config.data, global_batch_size=config.train.batch_size,
                                        seed=config.seed)

@@ -12,8 +12,6 @@ recomputation) against the device's bf16 peak (metrics.PEAK_TFLOPS).
 Progress goes to stderr; the last line of stdout is one JSON object.
 """
 import argparse
-import ast
-import importlib.util
 import os
 import sys
 import time
@@ -22,35 +20,17 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from farmer_jax import metrics, train  # noqa: E402
+from farmer_jax import cli, metrics, train  # noqa: E402
 from farmer_jax.models import farmer  # noqa: E402
-
-
-def load_config(spec: str, overrides: list[str]):
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
-  for item in overrides:
-    field, _, value = item.partition("=")
-    section, name = field.split(".")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass   # a plain string such as dots_no_batch
-    config[section][name] = value
-  return config
 
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", required=True, help="FILE[:ARG]")
-  parser.add_argument("--set", action="append", default=[], help="section.field=value")
+  cli.add_config_arguments(parser)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--out")
   args = parser.parse_args(argv)
-  config = load_config(args.config, args.set)
+  config = cli.load_config(args.config, args.set)
   start = time.perf_counter()
   trainer = train.Trainer(config)
   c, b = trainer.model_config, config.train.batch_size

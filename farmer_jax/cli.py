@@ -84,16 +84,44 @@ def _override_paths(argv: Sequence[str], name: str) -> list[str]:
   return paths
 
 
-def load_config(spec: str) -> Any:
+def load_config(spec: str, overrides: Sequence[str] = ()) -> Any:
   """`path[:arg]` -> the file's get_config(arg), as the config flag loads it; raises what it
-  raises (OSError for a missing file)."""
+  raises (OSError for a missing file).
+
+  `overrides`: `a.b=VALUE` items (the benchmarks' `--set`), applied in order; VALUE is read as a
+  Python literal (1e-3, True, "x", (1, 2)), else taken as the string it is (dots_no_batch). A
+  field the config does not have raises ValueError with the command line's one-line message.
+  """
   path, sep, arg = spec.partition(":")
   if not pathlib.Path(path).is_file():
     raise FileNotFoundError(path)
   module_spec = importlib.util.spec_from_file_location(f"{PROG}_cli_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if sep else module.get_config()
+  config = module.get_config(arg) if sep else module.get_config()
+  for item in overrides:
+    field, eq, text = item.partition("=")
+    if not eq:
+      raise ValueError(f"{item!r}: an override is field=value, e.g. train.batch_size=32")
+    holder, name, problem = _walk(config, field.strip())
+    if problem:
+      raise ValueError(problem)
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    holder[name] = value
+  return config
+
+
+def add_config_arguments(parser, default: str | None = None) -> None:
+  """`--config=FILE[:ARG]` (required without `default`) and repeatable `--set a.b=VALUE` on an
+  argparse parser: the benchmarks' way to name a config; `load_config(args.config, args.set)`
+  reads them."""
+  parser.add_argument("--config", required=default is None, default=default,
+                      help="FILE[:ARG]: a get_config() file and its variant")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a config field, e.g. --set train.batch_size=32 (repeatable)")
 
 
 def _missing_file_message(flag: str, spec: str) -> str:

@@ -296,13 +296,14 @@ def test_machine_speed_reports_the_median_and_best_matmul_rate(tmp_path, capsys)
 def test_input_pipeline_benchmark_times_batches_across_epochs(tmp_path, capsys):
   bench = load_benchmark("input_pipeline")
   out_file = tmp_path / "pipeline.json"
-  # digits:tiny reads batches of 16 of 1437 training images: 100 batches cross an epoch boundary.
-  result = bench.main(["--config=configs/digits.py:tiny", "--batches=100", f"--out={out_file}"])
+  # digits:tiny at batch 24 (--set) of 1437 training images: 100 batches cross an epoch boundary.
+  result = bench.main(["--config=configs/digits.py:tiny", "--set", "train.batch_size=24",
+                       "--batches=100", f"--out={out_file}"])
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
   assert json.loads(out_file.read_text()) == result
-  assert result["dataset"] == "digits" and result["batch_shape"] == [16, 8, 8, 1]
+  assert result["dataset"] == "digits" and result["batch_shape"] == [24, 8, 8, 1]
   assert result["train_examples"] == 1437
-  assert result["epochs_timed"] == pytest.approx(100 * 16 / 1437, abs=0.01)
+  assert result["epochs_timed"] == pytest.approx(100 * 24 / 1437, abs=0.01)
   assert result["cpu_ms_per_batch"] > 0 and result["wall_ms_per_batch"] > 0
   assert result["batches_per_s"] == pytest.approx(1e3 / result["wall_ms_per_batch"], rel=0.05)
   with pytest.raises(SystemExit) as e:

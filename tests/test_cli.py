@@ -148,3 +148,21 @@ def base_config():
   assert comments == {"seed": "the seed", "s": "Heading of the section.", "s.a": "own",
                       "s.b": "A group.", "s.c": "A group.",
                       "s.d": "d's own and its second line", "s.e": ""}
+
+
+def test_load_config_applies_overrides_and_names_unknown_fields():
+  from farmer_jax import cli  # noqa: PLC0415 (in-process: no command line)
+  path = os.path.join(REPO, "configs", "digits.py")
+  config = cli.load_config(f"{path}:tiny", ["train.batch_size=8", "model.remat=dots_no_batch",
+                                            "train.learning_rate=3e-4", "data.hflip=True"])
+  assert config.train.batch_size == 8 and isinstance(config.train.batch_size, int)
+  assert config.model.remat == "dots_no_batch"          # not a literal: taken as the string
+  assert config.train.learning_rate == 3e-4 and config.data.hflip is True
+  assert cli.load_config(f"{path}:tiny").train.batch_size == 16   # a fresh config each call
+  with pytest.raises(ValueError, match=r"config\.train\.lr.*did you mean config\.train\."
+                                       r"learning_rate"):
+    cli.load_config(f"{path}:tiny", ["train.lr=1e-3"])
+  with pytest.raises(ValueError, match="field=value"):
+    cli.load_config(f"{path}:tiny", ["train.batch_size"])
+  with pytest.raises(FileNotFoundError):
+    cli.load_config(os.path.join(REPO, "configs", "nope.py"))
