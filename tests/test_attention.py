@@ -287,3 +287,13 @@ def test_dense_is_nn_dense_in_float32_and_adds_its_bias_in_float32():
   assert out.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out, np.float32), ours.apply(params, x), rtol=2e-2,
                              atol=5e-2)
+  # A head (out_dtype float32) keeps the float32 accumulator: the exact product of the bfloat16
+  # operands plus the float32 bias, not that sum rounded to bfloat16.
+  head = layers.dense(24, (None, layers.EMBED), jnp.bfloat16, "d", out_dtype=jnp.float32)
+  out = head.apply(params, x)
+  p = nn.unbox(params)["params"]
+  as_b16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+  exact = as_b16(x) @ as_b16(p["kernel"]) + np.asarray(p["bias"], np.float64)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)
+  assert np.mean(np.asarray(out) != as_b16(out)) > 0.9      # not values bfloat16 can hold

@@ -115,9 +115,10 @@ class AffineBlock(nn.Module):
                                           causal=self.causal, dtype=self.dtype,
                                           scan_layers=self.scan_layers, remat=self.remat,
                                           attention=self.attention, name="transformer")
-    # Zero-initialised: every block starts as the identity (SPEC sec. 2).
+    # Zero-initialised: every block starts as the identity (SPEC sec. 2). Its float32 result
+    # feeds the affine step directly.
     self.head = layers.dense(2 * self.token_dim, (layers.EMBED, layers.OUT), self.dtype, "head",
-                             kernel_init=nn.initializers.zeros)
+                             kernel_init=nn.initializers.zeros, out_dtype=jnp.float32)
 
   def affine_params(self, x_BxNxD: jax.Array, labels_B: jax.Array | None):
     """Shift and log-scale for every token from its strict prefix, processing order, float32."""
@@ -128,7 +129,7 @@ class AffineBlock(nn.Module):
     h_BxNxW = h_BxNxW + self.pos.astype(h_BxNxW.dtype)
     if self.num_classes > 0:
       h_BxNxW = h_BxNxW + self.class_embed(labels_B)[:, None].astype(h_BxNxW.dtype)
-    out_BxNx2D = self.head(self.transformer(h_BxNxW)).astype(jnp.float32)
+    out_BxNx2D = self.head(self.transformer(h_BxNxW))
     if not self.start_token:
       # Output i has seen tokens <= i, so it parameterises token i + 1; token 1 stays as it is.
       out_BxNx2D = jnp.concatenate([jnp.zeros_like(out_BxNx2D[:, :1]), out_BxNx2D[:, :-1]], axis=1)
@@ -154,7 +155,7 @@ class AffineBlock(nn.Module):
 
   def _emit(self, out_BxTxW: jax.Array, z_BxTxD: jax.Array) -> jax.Array:
     """x = z * exp(a) + mu from the Transformer's output at the emitting positions, float32."""
-    mu_BxTxD, a_raw_BxTxD = jnp.split(self.head(out_BxTxW).astype(jnp.float32), 2, axis=-1)
+    mu_BxTxD, a_raw_BxTxD = jnp.split(self.head(out_BxTxW), 2, axis=-1)
     return z_BxTxD * jnp.exp(soft_clip(a_raw_BxTxD, self.logscale_clip)) + mu_BxTxD
 
   def __call__(self, x_BxNxD: jax.Array, labels_B: jax.Array | None = None):

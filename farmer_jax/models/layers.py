@@ -279,13 +279,17 @@ def param_init(init: Callable, *names) -> Callable:
 
 
 class Dense(nn.Module):
-  """x [..., K] -> x W + b [..., N] in `dtype`, the product by `einsum_f32` and the bias added in
-  float32. Parameters `kernel` [K, N] and `bias` [N] (float32), those of nn.Dense."""
+  """x [..., K] -> x W + b [..., N], the product in `dtype` by `einsum_f32` and the bias added in
+  float32; the result in `out_dtype` (None: `dtype`). Parameters `kernel` [K, N] and `bias` [N]
+  (float32), those of nn.Dense. Heads whose outputs feed float32 math (the flow's affine
+  parameters, the GMM parameters) take out_dtype float32: the float32 accumulator is kept, not
+  rounded to bfloat16 and cast back."""
   features: int
   names: tuple[str, str]
   dtype: Dtype = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
+  out_dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -293,14 +297,14 @@ class Dense(nn.Module):
                         (x.shape[-1], self.features))
     bias = self.param("bias", param_init(self.bias_init, self.names[1]), (self.features,))
     y = einsum_f32("...k,kn->...n", x.astype(self.dtype), kernel.astype(self.dtype), jnp.float32)
-    return (y + bias).astype(self.dtype)
+    return (y + bias).astype(self.out_dtype or self.dtype)
 
 
 def dense(features: int, names: tuple[str, str], dtype: Dtype, name: str,
           kernel_init: Callable = nn.initializers.lecun_normal(),
-          bias_init: Callable = nn.initializers.zeros) -> Dense:
+          bias_init: Callable = nn.initializers.zeros, out_dtype: Dtype | None = None) -> Dense:
   """A Dense layer whose kernel [in, out] and bias [out] carry logical axis names."""
-  return Dense(features, names, dtype, kernel_init, bias_init, name=name)
+  return Dense(features, names, dtype, kernel_init, bias_init, out_dtype, name=name)
 
 
 def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:

@@ -103,14 +103,17 @@ class Prior(nn.Module):
                                           causal=True, dtype=self.dtype, scan_layers=self.scan_layers,
                                           remat=self.remat, attention=self.attention,
                                           name="transformer")
+    # The GMM heads' float32 results feed the float32 mixture math directly.
     self.head_informative = layers.dense(gmm.num_outputs(self.k_informative, self.d_informative),
-                                         (layers.EMBED, layers.OUT), self.dtype, "head_informative")
+                                         (layers.EMBED, layers.OUT), self.dtype, "head_informative",
+                                         out_dtype=jnp.float32)
     if self.d_redundant > 0 and self.redundant_model == "gmm":
       if self.redundant_head_width:
         self.redundant_proj = layers.dense(self.redundant_head_width, (None, layers.EMBED),
                                            self.dtype, "redundant_proj")
       self.head_redundant = layers.dense(gmm.num_outputs(self.k_redundant, self.d_redundant),
-                                         (layers.EMBED, layers.OUT), self.dtype, "head_redundant")
+                                         (layers.EMBED, layers.OUT), self.dtype, "head_redundant",
+                                         out_dtype=jnp.float32)
 
   def hidden(self, z_inf_BxNxI: jax.Array, labels_B: jax.Array) -> jax.Array:
     """Transformer outputs that predict G_1 .. G_{N+1}: [B, N + 1, W]."""
